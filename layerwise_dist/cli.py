@@ -1,0 +1,164 @@
+"""``layerwise-dist``: the command line.
+
+Run commands (``fisher``, ``distill``, ``evaluate``, ``pipeline``) take
+``--preset``, ``--ds_config``, ``--nproc`` and ``key=value`` overrides. With
+``--nproc`` > 1 (outside a launcher) they start that many ranks through the real
+``deepspeed`` launcher on 127.0.0.1; inside ``deepspeed``/``torchrun``/SLURM they
+run on the ranks that launcher made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from . import __version__
+from .worker import COMMANDS, DESCRIPTIONS, add_run_arguments
+
+
+def _default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def _inside_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: str, args: argparse.Namespace, rest: list[str]) -> int:
+    """Check the config here (one clear error, before any process starts), then start the ranks."""
+    from .config import ConfigError
+    from .worker import resolve
+
+    try:
+        cfg = resolve(command, args)
+    except ConfigError as e:
+        print(f"error: ConfigError: {e}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(cfg.ds_config):
+        print(f"error: ds_config: {cfg.ds_config} does not exist", file=sys.stderr)
+        return 2
+    nproc = args.nproc or _default_nproc()
+    worker_args = [command, "--preset", args.preset, *rest]
+    if args.ds_config:
+        worker_args += ["--ds_config", args.ds_config]
+    worker_args += list(args.overrides)
+    if nproc <= 1 or _inside_launcher():
+        from .worker import main as worker_main
+
+        return worker_main(worker_args)
+    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = dict(os.environ)
+    import torch
+
+    if not torch.cuda.is_available():
+        # One thread per rank: two ranks on two cores crawl when each spawns a full pool.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", "1")
+    cmd = [
+        deepspeed,
+        "--num_gpus",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(args.master_port or _free_port()),
+        "--module",
+        "layerwise_dist.worker",
+        *worker_args,
+    ]
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="layerwise-dist",
+        description="Fisher-guided layerwise distillation of LLM recommenders (DeepSpeed, Ray, MLflow).",
+    )
+    parser.add_argument("--version", action="version", version=f"layerwise_dist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name])
+        add_run_arguments(p)
+        p.add_argument("--nproc", type=int, default=0, help="ranks to start (default: CUDA devices, or 2 on CPU)")
+        p.add_argument("--master_port", type=int, default=0, help="rendezvous port (default: a free one)")
+    data = sub.add_parser("data", help="data preparation")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    from .data import add_prepare_arguments
+
+    prep = data_sub.add_parser(
+        "prepare", help="reviews + metadata -> splits (parquet) + stats.json", description="reviews + metadata -> splits"
+    )
+    add_prepare_arguments(prep)
+    show = sub.add_parser("config", help="print the resolved configuration (YAML) or every key with its help")
+    show.add_argument("--preset", default="default")
+    show.add_argument("--keys", action="store_true", help="list every key with its default and help")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    rec = sub.add_parser("recommend", help="top-k items for a user from a saved model")
+    rec.add_argument("--model", required=True, help="model folder (e.g. results/demo/student) or embedded:smollm2")
+    rec.add_argument("--user", required=True, help="user_id")
+    rec.add_argument("--category", default="All_Beauty")
+    rec.add_argument("--top-k", type=int, default=3)
+    rec.add_argument("--preset", default="default", help="preset whose data.* section says where the data is")
+    rec.add_argument("overrides", nargs="*", metavar="key=value")
+
+    args = parser.parse_args(argv)
+    if args.command in COMMANDS:
+        return launch(args.command, args, [])
+    if args.command == "data":
+        from .data import run_prepare
+
+        return run_prepare(args)
+    if args.command == "config":
+        from .config import ConfigError, help_text, load_config
+
+        if args.keys:
+            print(help_text())
+            return 0
+        try:
+            import yaml
+
+            print(yaml.safe_dump(load_config(args.preset, args.overrides).to_dict(), sort_keys=False), end="")
+        except ConfigError as e:
+            print(f"error: ConfigError: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "recommend":
+        return _recommend(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .errors import KNOWN_ERRORS, one_line
+    from .recommender import BaseRecommender
+
+    try:
+        cfg = load_config(args.preset, args.overrides)
+        from .data import load_splits
+
+        rec = BaseRecommender(model_name=args.model, data=load_splits(cfg.data), data_config=cfg.data)
+        for i, item in enumerate(rec.recommend(user_id=args.user, category=args.category, top_k=args.top_k), 1):
+            print(f"{i}. {item['item_id']}  {item['score']:.4f}  {item['title']}")
+    except KNOWN_ERRORS + (KeyError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""One configuration schema for every entry point.
+
+Each section is a typed dataclass; every field carries a one-line ``help`` that
+the CLI prints with ``--help``. YAML presets (``layerwise_dist/presets/*.yaml``)
+are instances of :class:`RunConfig`; ``key=value`` overrides
+(``train.max_steps=20``, ``student.layers=[0,4,8]``) are applied on top and the
+result is checked again. The resolved configuration is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name} must be {bound}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the reviews come from and how they become ranking prompts."""
+
+    source: str = _f("embedded", "embedded (All_Beauty sample shipped with the package), amazon2023, benchmark_csv, llmrank or prepared")
+    reviews: str = _f("", "reviews file (jsonl, jsonl.gz, parquet, rating_only csv) or a folder holding the files")
+    meta: str = _f("", "item metadata file (jsonl, jsonl.gz, parquet or csv)")
+    category: str = _f("All_Beauty", "Amazon Reviews 2023 category name, used in prompts and run names")
+    kcore: int = _f(5, "iterative k-core: keep users and items with at least k interactions")
+    history_len: int = _f(10, "number of most recent history titles shown in a prompt")
+    num_candidates: int = _f(20, "candidates per prompt: the true next item plus num_candidates-1 negatives")
+    title_max_tokens: int = _f(24, "each title is cut to this many tokens")
+    negative_sampling: str = _f("uniform", "uniform or popularity sampling of negatives")
+    max_length: int = _f(768, "prompts longer than this many tokens are an error (raise it or shorten titles)")
+    train_targets_per_user: int = _f(1, "train examples per user: the last N train items as targets")
+    max_train_examples: int = _f(0, "use at most this many training examples (0 = all)")
+    max_eval_examples: int = _f(0, "use at most this many validation/test examples (0 = all)")
+    seed: int = _f(1234, "seed of negative sampling and candidate shuffling (identical on every rank)")
+    cache_dir: str = _f("", "Hugging Face datasets cache for tokenized examples (default: ~/.cache/layerwise_dist)")
+
+    def __post_init__(self) -> None:
+        _choice("data", "source", self.source, ("embedded", "amazon2023", "benchmark_csv", "llmrank", "prepared"))
+        _choice("data", "negative_sampling", self.negative_sampling, ("uniform", "popularity"))
+        for name in ("kcore", "history_len", "title_max_tokens", "max_length", "train_targets_per_user"):
+            _positive("data", name, getattr(self, name))
+        if not 2 <= self.num_candidates <= 26:
+            raise ConfigError(f"data.num_candidates must be in [2, 26] (one letter label each); got {self.num_candidates}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            _positive("data", name, getattr(self, name), allow_zero=True)
+        if self.source != "embedded" and not self.reviews:
+            raise ConfigError(f"data.source={self.source} needs data.reviews (a file or folder)")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher LLM and how it is placed on the workers."""
+
+    model: str = _f("embedded:smollm2", "embedded:smollm2, tiny (random 4-layer Llama), a HF model folder, a .gguf file or a hub id")
+    gguf_file: str = _f("", "GGUF file name inside the model folder, when the folder holds one")
+    quantization: str = _f("nf4", "nf4 (bitsandbytes 4-bit, double quantization), int8 or none")
+    placement: str = _f("zero3", "zero3 (partitioned across ranks by DeepSpeed) or replicate (each rank holds it)")
+    trust_remote_code: bool = _f(False, "allow model code from the model folder or hub")
+    attn_implementation: str = _f("auto", "auto (flash_attention_2 on CUDA with flash-attn, else sdpa), sdpa, eager or flash_attention_2")
+    tiny_layers: int = _f(4, "tiny preset: number of decoder layers")
+    tiny_hidden: int = _f(64, "tiny preset: hidden size")
+    tiny_seed: int = _f(0, "tiny preset: seed of the random weights")
+
+    def __post_init__(self) -> None:
+        _choice("teacher", "quantization", self.quantization, ("nf4", "int8", "none"))
+        _choice("teacher", "placement", self.placement, ("zero3", "replicate"))
+        _choice("teacher", "attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+        if not self.model:
+            raise ConfigError("teacher.model is empty: give embedded:smollm2, tiny, a folder, a .gguf file or a hub id")
+        _positive("teacher", "tiny_layers", self.tiny_layers)
+        _positive("teacher", "tiny_hidden", self.tiny_hidden)
+
+
+@dataclass
+class StudentConfig:
+    """Which teacher layers the student keeps."""
+
+    num_layers: int = _f(8, "number of decoder layers of the student")
+    selection: str = _f("fisher-topk", "fisher-topk, uniform (evenly spaced), last, first or list")
+    layers: list = _f([], "explicit teacher layer indices (selection=list)")
+    model: str = _f("", "optional: a separate student model folder (same tokenizer) instead of teacher layers")
+    layer_map: list = _f([], "student layer -> teacher layer for alignment (default: the layer it was copied from)")
+
+    def __post_init__(self) -> None:
+        _choice("student", "selection", self.selection, ("fisher-topk", "uniform", "last", "first", "list"))
+        _positive("student", "num_layers", self.num_layers)
+        if self.selection == "list" and not self.layers and not self.model:
+            raise ConfigError("student.selection=list needs student.layers, e.g. student.layers=[0,8,16,24]")
+        for name in ("layers", "layer_map"):
+            values = getattr(self, name)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+                raise ConfigError(f"student.{name} must be a list of non-negative integers; got {values!r}")
+
+
+@dataclass
+class FisherConfig:
+    """The layerwise Fisher information pass over the teacher."""
+
+    form: str = _f("parameter", "parameter (per-example squared gradient norm of each layer's weights) or activation")
+    labels: str = _f("empirical", "empirical (dataset answers) or sampled (drawn from the model: true Fisher)")
+    num_examples: int = _f(64, "training examples used for the profile, over all ranks")
+    batch_size: int = _f(2, "examples per forward/backward on each rank")
+    profile: str = _f("", "reuse an existing FisherProfile JSON instead of measuring")
+    seed: int = _f(0, "seed for sampled labels")
+    linear_method: str = _f("auto", "per-example linear-layer norms: auto (cheaper by shape), gram or explicit (G^T X)")
+
+    def __post_init__(self) -> None:
+        _choice("fisher", "form", self.form, ("parameter", "activation"))
+        _choice("fisher", "labels", self.labels, ("empirical", "sampled"))
+        _choice("fisher", "linear_method", self.linear_method, ("auto", "gram", "explicit"))
+        _positive("fisher", "num_examples", self.num_examples)
+        _positive("fisher", "batch_size", self.batch_size)
+
+
+@dataclass
+class DistillConfig:
+    """The distillation objective: a*CE + b*KD + sum_l w_l * align_l."""
+
+    ce_weight: float = _f(1.0, "a: weight of task cross-entropy on answer tokens")
+    kd_weight: float = _f(1.0, "b: weight of the logit distillation loss")
+    kd_loss: str = _f("forward_kl", "forward_kl (Hinton, T^2 scaled), reverse_kl or jsd")
+    temperature: float = _f(2.0, "softmax temperature T of logit KD")
+    jsd_beta: float = _f(0.5, "beta of the generalised JSD")
+    align_weight: float = _f(1.0, "total weight of hidden-state alignment (per-layer weights sum to 1)")
+    align_loss: str = _f("mse", "mse or cosine between mapped hidden states")
+    layer_weighting: str = _f("fisher", "fisher, linear, uniform or a registered strategy name")
+    weight_temperature: float = _f(1.0, "fisher weighting: weights ~ profile^(1/temperature)")
+    mask: str = _f("answer", "answer (loss on answer tokens only) or all tokens")
+    shared_vocab_only: bool = _f(False, "allow teacher/student vocabularies that differ: KD on the shared prefix only")
+
+    def __post_init__(self) -> None:
+        _choice("distill", "kd_loss", self.kd_loss, ("forward_kl", "reverse_kl", "jsd"))
+        _choice("distill", "align_loss", self.align_loss, ("mse", "cosine"))
+        _choice("distill", "mask", self.mask, ("answer", "all"))
+        for name in ("ce_weight", "kd_weight", "align_weight"):
+            _positive("distill", name, getattr(self, name), allow_zero=True)
+        _positive("distill", "temperature", self.temperature)
+        _positive("distill", "weight_temperature", self.weight_temperature)
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ConfigError(f"distill.jsd_beta must be in [0, 1]; got {self.jsd_beta}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the student."""
+
+    micro_batch_size: int = _f(2, "examples per rank per forward (DeepSpeed train_micro_batch_size_per_gpu)")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    max_steps: int = _f(40, "optimizer steps")
+    lr: float = _f(5e-5, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(4, "linear warmup steps before the cosine decay")
+    grad_clip: float = _f(1.0, "gradient clipping norm (0 = off)")
+    eval_every: int = _f(0, "validation loss every N steps (0 = only at the end)")
+    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
+    log_every: int = _f(1, "log losses every N steps")
+    resume: bool = _f(False, "continue from the newest checkpoint in output_dir at the exact step")
+    seed: int = _f(42, "seed of data order and initialisation")
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+
+    def __post_init__(self) -> None:
+        _choice("train", "precision", self.precision, ("auto", "bf16", "fp32"))
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
+            _positive("train", name, getattr(self, name))
+        _positive("train", "lr", self.lr)
+        for name in ("warmup_steps", "eval_every", "save_every", "grad_clip", "weight_decay"):
+            _positive("train", name, getattr(self, name), allow_zero=True)
+
+
+@dataclass
+class EvalConfig:
+    """Ranking quality and cost of teacher and student."""
+
+    ks: list = _f([1, 5, 10], "cut-offs K of HR@K and NDCG@K")
+    batch_size: int = _f(4, "examples per forward during evaluation")
+    max_examples: int = _f(64, "test examples scored (0 = the whole test split)")
+    latency_batches: int = _f(4, "batches timed for latency and throughput")
+    split: str = _f("test", "test or valid")
+
+    def __post_init__(self) -> None:
+        _choice("eval", "split", self.split, ("test", "valid"))
+        _positive("eval", "batch_size", self.batch_size)
+        _positive("eval", "max_examples", self.max_examples, allow_zero=True)
+        _positive("eval", "latency_batches", self.latency_batches)
+        if not self.ks or not all(isinstance(k, int) and k > 0 for k in self.ks):
+            raise ConfigError(f"eval.ks must be a non-empty list of positive integers; got {self.ks!r}")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow run tracking."""
+
+    enabled: bool = _f(True, "log params, metrics and artifacts to MLflow")
+    tracking_uri: str = _f("", "MLflow tracking URI (default: sqlite:///<results_dir>/mlflow.db)")
+    experiment: str = _f("layerwise_dist", "MLflow experiment name")
+    run_name: str = _f("", "MLflow run name (default: derived from the config)")
+    run_id: str = _f("", "resume this existing MLflow run instead of starting a new one")
+    artifact_root: str = _f("", "artifact folder of a new experiment (default: <results_dir>/mlartifacts beside the default store)")
+
+    def __post_init__(self) -> None:
+        if not self.experiment:
+            raise ConfigError("tracking.experiment must not be empty")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: data, teacher, student, Fisher pass, distillation, evaluation."""
+
+    output_dir: str = _f("results/run", "folder of this run's profile, student, checkpoints and report")
+    ds_config: str = _f("ds_configs/zero3.json", "DeepSpeed JSON (batch sizes are filled from train.*)")
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML/override value to the field's type, or raise ConfigError."""
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} expects true or false; got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} expects an integer; got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path} expects a number; got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path} expects a string; got {value!r}")
+    if annotation is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{path} expects a list, e.g. [1, 2]; got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            kwargs[name] = _build(t, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, t)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the unknown-key check
+        raise ConfigError(str(e)) from None
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, data, "")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=20)")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if k not in node or not isinstance(node[k], dict):
+                raise ConfigError(f"unknown config section {'.'.join(keys[:-1])!r} in override {item!r}")
+            node = node[k]
+        if keys[-1] not in node:
+            raise ConfigError(f"unknown config key {'.'.join(keys)!r} in override {item!r}")
+        node[keys[-1]] = value
+    return data
+
+
+def preset_path(name: str) -> Path:
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"no preset or YAML file {name!r} (presets: {names})")
+    return path
+
+
+def load_config(preset: str = "default", overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset (name or YAML path), apply key=value overrides, check everything."""
+    path = preset_path(preset)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    merged = _merge(_defaults(), data, str(path))
+    merged = apply_overrides(merged, list(overrides or []))
+    return from_dict(merged)
+
+
+def _defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        t = typing.get_type_hints(RunConfig)[f.name]
+        if dataclasses.is_dataclass(t):
+            out[f.name] = {g.name: (g.default if g.default is not dataclasses.MISSING else g.default_factory()) for g in dataclasses.fields(t)}
+        else:
+            out[f.name] = f.default
+    return out
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(update, dict):
+        raise ConfigError(f"{where}: top level must be a mapping")
+    for key, value in update.items():
+        if key not in base:
+            raise ConfigError(f"{where}: unknown config key {key!r} (valid: {', '.join(base)})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: section {key!r} must be a mapping")
+            for k in value:
+                if k not in base[key]:
+                    raise ConfigError(f"{where}: unknown config key {key}.{k} (valid: {', '.join(base[key])})")
+            base[key].update(value)
+        else:
+            base[key] = value
+    return base
+
+
+def help_text() -> str:
+    """Every field with its type, default and help line (printed by --help)."""
+    lines = []
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            lines.append(f"{f.name}:  {t.__doc__.strip().splitlines()[0]}")
+            for g in dataclasses.fields(t):
+                default = g.default if g.default is not dataclasses.MISSING else g.default_factory()
+                lines.append(f"  {f.name}.{g.name}={default!r}  {g.metadata.get('help', '')}")
+        else:
+            lines.append(f"{f.name}={f.default!r}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Data pipeline: raw reviews -> leave-one-out split -> ranking prompts -> tokens.
+
+::
+
+    splits = load_splits(cfg.data)                       # SplitData (train/valid/test/titles)
+    examples = build_examples(splits, "train", cfg.data, tokenizer)
+    ds = tokenize_examples(examples, tokenizer, cfg.data)   # cached datasets.Dataset
+    ds = shard(ds, rank, world_size, drop_remainder=True)
+    batch = collate([ds[i] for i in range(4)], tokenizer.pad_token_id)
+"""
+
+from .errors import BadRows, DataError
+from .examples import NegativeSampler, build_examples, stable_seed
+from .prepare import add_prepare_arguments, prepare, run_prepare
+from .prompts import LABELS, RankExample, encode, label_token_ids, render_prompt
+from .readers import category_from_filename, read_reviews, read_titles
+from .sources import (
+    Amazon2023Source,
+    BenchmarkCSVSource,
+    InteractionSource,
+    LLMRankSource,
+    load_splits,
+    splits_from_source,
+)
+from .splits import InteractionTable, SplitData, build_splits
+from .tokenize import IGNORE_INDEX, collate, shard, tokenize_examples
+
+__all__ = [
+    "LABELS",
+    "IGNORE_INDEX",
+    "Amazon2023Source",
+    "BadRows",
+    "BenchmarkCSVSource",
+    "DataError",
+    "InteractionSource",
+    "InteractionTable",
+    "LLMRankSource",
+    "NegativeSampler",
+    "RankExample",
+    "SplitData",
+    "add_prepare_arguments",
+    "build_examples",
+    "build_splits",
+    "category_from_filename",
+    "collate",
+    "encode",
+    "label_token_ids",
+    "load_splits",
+    "prepare",
+    "read_reviews",
+    "read_titles",
+    "render_prompt",
+    "run_prepare",
+    "shard",
+    "splits_from_source",
+    "stable_seed",
+    "tokenize_examples",
+]

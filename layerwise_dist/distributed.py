@@ -1,0 +1,111 @@
+"""Process-group helpers shared by every launcher: rank-aware logging, init, reductions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, all_ranks: bool) -> None:
+        super().__init__()
+        self.all_ranks = all_ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = rank()
+        return self.all_ranks or record.rank == 0 or record.levelno >= logging.WARNING
+
+
+def get_logger(name: str = "layerwise_dist", all_ranks: bool | None = None) -> logging.Logger:
+    """One logger; rank 0 writes unless LD_LOG_ALL_RANKS=1 (warnings from every rank)."""
+    logger = logging.getLogger(name)
+    if not getattr(logger, "_ld_configured", False):
+        if all_ranks is None:
+            all_ranks = os.environ.get("LD_LOG_ALL_RANKS", "0") == "1"
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[RANK %(rank)s] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.addFilter(_RankFilter(all_ranks))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("LD_LOG_LEVEL", "INFO"))
+        logger.propagate = False
+        logger._ld_configured = True  # type: ignore[attr-defined]
+    return logger
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher set up (deepspeed, torchrun, Ray); no-op alone.
+
+    DeepSpeed picks gloo on its CPU accelerator and NCCL on CUDA by itself; we go
+    through it so ZeRO-3 and our own collectives share one group.
+    """
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
+        # A single process without a launcher: DeepSpeed still wants a group of one.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (fp64 on CPU keeps sums exact enough across ranks)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dev = device() if backend() == "nccl" else torch.device("cpu")
+        moved = tensor.to(dev)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        tensor.copy_(moved.to(tensor.device))
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,36 @@
+"""The errors that mean bad input (shown as one line), as opposed to bugs (shown with a traceback)."""
+
+from __future__ import annotations
+
+import json
+
+from .config import ConfigError
+from .models.teacher import ModelLoadError
+
+
+def _known() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+    from .losses import LossInputError
+    from .models.student import StudentError
+    from .trainer import TrainingDivergedError
+    from .weighting import WeightingError
+
+    return (
+        ConfigError,
+        ModelLoadError,
+        DataError,
+        StudentError,
+        WeightingError,
+        LossInputError,
+        TrainingDivergedError,
+        FileNotFoundError,
+        json.JSONDecodeError,
+    )
+
+
+KNOWN_ERRORS = _known()
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,259 @@
+"""Forward and tensor hooks that turn one forward + one backward into per-example Fisher terms.
+
+Every example's activation gradients are its own (examples do not interact), so the
+backward of sum_n log p(y_n | x_n) hands each hook the per-example output gradients
+``g`` of every module. Weight gradients are never formed by autograd:
+
+* linear ``y = W x (+ b)``: the per-example weight gradient is ``dW_n = G_n^T X_n`` and
+  ``||dW_n||_F^2 = sum_{t,t'} (g_t . g_t') (x_t . x_t')`` (Gram form). Which of the two is
+  computed is chosen by cost: Gram ``T^2 (in + out)`` vs explicit ``T in out``.
+  This works for bitsandbytes ``Linear4bit``/``Linear8bitLt`` (the gradient is w.r.t. the
+  dequantized weight) and for ZeRO-3 partitioned weights (never touched here).
+* RMSNorm ``y = w * xhat``: ``dw_n = sum_t g_t * xhat_t`` with xhat recomputed in fp32
+  from the captured input and the module's eps (LayerNorm likewise, plus its bias).
+
+All maths runs in fp32; per-batch sums are accumulated in fp64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GROUPS = ("attention", "mlp")
+LINEAR_METHODS = ("auto", "gram", "explicit")
+
+
+def module_group(name: str) -> int:
+    """0 (attention: self_attn.* and input_layernorm) or 1 (mlp.* and post_attention_layernorm)."""
+    head = name.split(".", 1)[0]
+    if head == "input_layernorm" or (("attn" in head or "attention" in head) and not head.startswith("post_")):
+        return 0
+    return 1
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
+
+
+def _norm_eps(module: nn.Module, dtype: torch.dtype) -> float:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        eps = getattr(module, attr, None)
+        if eps is not None:
+            return float(eps)
+    return float(torch.finfo(dtype).eps)
+
+
+def _first_tensor(args: tuple, kwargs: dict, key: str = "hidden_states") -> torch.Tensor:
+    return args[0] if args else kwargs[key]
+
+
+def _output_tensor(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[index]
+
+
+def linear_method(tokens: int, fan_in: int, fan_out: int, method: str = "auto") -> str:
+    """Gram form costs T^2 (in + out) per example, explicit G^T X costs T in out."""
+    if method != "auto":
+        return method
+    return "gram" if tokens * (fan_in + fan_out) < fan_in * fan_out else "explicit"
+
+
+class FisherHooks:
+    """Hooks on decoder layers collecting per-layer Fisher terms and the block controls.
+
+    Use as a context manager; call :meth:`start_batch` before each forward and
+    :meth:`finish_batch` after the backward. ``finish_batch`` returns the batch's sums
+    as an fp64 vector ``[fisher(L) | attention(L) | mlp(L) | block_influence(L) |
+    angular(L) | tokens]``; Fisher terms are summed over examples, controls over real tokens.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], form: str, linear: str = "auto") -> None:
+        if form not in ("parameter", "activation"):
+            raise ValueError(f"form must be parameter or activation; got {form!r}")
+        if linear not in LINEAR_METHODS:
+            raise ValueError(f"linear method must be one of {LINEAR_METHODS}; got {linear!r}")
+        self.layers = list(layers)
+        self.form = form
+        self.linear = linear
+        self.num_layers = len(self.layers)
+        self._handles: list = []
+        self._mask: torch.Tensor | None = None
+        self._fisher: list[tuple[int, int, torch.Tensor]] = []  # (layer, group, scalar)
+        self._controls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._gram_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.methods_used: set[str] = set()
+
+    # -- registration -------------------------------------------------------------------------
+    def __enter__(self) -> FisherHooks:
+        for idx, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._layer_hook(idx), with_kwargs=True))
+            if self.form == "parameter":
+                self._register_parameter_hooks(idx, layer)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._reset()
+
+    def _register_parameter_hooks(self, idx: int, layer: nn.Module) -> None:
+        covered: set[int] = set()
+        for name, mod in layer.named_modules():
+            own = list(mod.parameters(recurse=False))
+            if isinstance(mod, nn.Linear):
+                self._handles.append(mod.register_forward_hook(self._linear_hook(idx, module_group(name), mod)))
+            elif is_norm(mod) and own:
+                self._handles.append(mod.register_forward_hook(self._norm_hook(idx, module_group(name), mod)))
+            elif own:
+                names = [n for n, _ in mod.named_parameters(recurse=False)]
+                raise NotImplementedError(
+                    f"layer {idx}: module {name or '<layer>'} ({type(mod).__name__}) has parameters {names} that "
+                    "the parameter-form Fisher does not cover (supported: nn.Linear incl. bitsandbytes, RMSNorm, LayerNorm)"
+                )
+            covered.update(id(p) for p in own)
+        missing = [n for n, p in layer.named_parameters() if id(p) not in covered]
+        if missing:  # pragma: no cover - every module with parameters is handled or raised above
+            raise NotImplementedError(f"layer {idx}: parameters {missing} are not covered")
+
+    # -- per batch ----------------------------------------------------------------------------
+    def start_batch(self, attention_mask: torch.Tensor | None) -> None:
+        self._reset()
+        self._mask = attention_mask
+
+    def _reset(self) -> None:
+        self._fisher.clear()
+        self._controls.clear()
+        self._gram_cache = None
+        self._mask = None
+
+    def finish_batch(self) -> torch.Tensor:
+        L = self.num_layers
+        out = torch.zeros(5 * L + 1, dtype=torch.float64)
+        if self._fisher:
+            idx = torch.tensor([layer for layer, _, _ in self._fisher])
+            grp = torch.tensor([g for _, g, _ in self._fisher])
+            vals = torch.stack([v.detach() for _, _, v in self._fisher]).to("cpu", torch.float64)
+            out[:L].index_add_(0, idx, vals)
+            if self.form == "parameter":
+                out[L : 3 * L].index_add_(0, L * grp + idx, vals)
+        if self._controls:
+            idx = torch.tensor([layer for layer, _, _ in self._controls])
+            vals = torch.stack([torch.stack([b, a]) for _, b, a in self._controls]).to("cpu", torch.float64)
+            out[3 * L : 4 * L].index_add_(0, idx, vals[:, 0])
+            out[4 * L : 5 * L].index_add_(0, idx, vals[:, 1])
+        if self._mask is not None:
+            out[-1] = float(self._mask.sum())
+        self._reset()
+        return out
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _layer_hook(self, idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            h_in = _first_tensor(args, kwargs)
+            h_out = _output_tensor(output)
+            with torch.no_grad():
+                cos = F.cosine_similarity(h_in.detach().float(), h_out.detach().float(), dim=-1)
+                mask = self._mask.to(cos.device).bool() if self._mask is not None else torch.ones_like(cos, dtype=torch.bool)
+                cos = cos[mask]
+                bi = (1.0 - cos).sum()
+                ang = torch.arccos(cos.clamp(-1.0, 1.0)).sum() / math.pi
+            self._controls.append((idx, bi, ang))
+            if self.form == "activation" and h_out.requires_grad:
+
+                def grad_hook(g: torch.Tensor) -> None:
+                    # Squared norm summed over tokens and examples = sum_n ||d log p_n / d h_l||^2.
+                    self._fisher.append((idx, 0, g.detach().float().pow(2).sum()))
+
+                h_out.register_hook(grad_hook)
+
+        return hook
+
+    def _linear_hook(self, idx: int, group: int, mod: nn.Linear):
+        has_bias = getattr(mod, "bias", None) is not None
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            out = _output_tensor(output)
+            if not out.requires_grad:
+                return
+            x = args[0]
+            bsz, fan_in, fan_out = x.shape[0], x.shape[-1], out.shape[-1]
+            tokens = x.numel() // (bsz * fan_in)
+            method = linear_method(tokens, fan_in, fan_out, self.linear)
+            self.methods_used.add(method)
+            if method == "gram":
+                kx = self._input_gram(x)
+                if has_bias:
+                    kx = kx + 1.0  # the bias is a weight column fed by a constant 1
+
+                def grad_hook(g: torch.Tensor) -> None:
+                    gm = g.detach().reshape(bsz, -1, fan_out).float()
+                    kg = torch.bmm(gm, gm.transpose(1, 2))
+                    self._fisher.append((idx, group, (kg * kx).sum()))
+
+            else:
+                xd = x.detach()
+
+                def grad_hook(g: torch.Tensor) -> None:
+                    gm = g.detach().reshape(bsz, -1, fan_out).float()
+                    xm = xd.reshape(bsz, -1, fan_in).float()
+                    score = torch.bmm(gm.transpose(1, 2), xm).pow(2).sum()
+                    if has_bias:
+                        score = score + gm.sum(1).pow(2).sum()
+                    self._fisher.append((idx, group, score))
+
+            out.register_hook(grad_hook)
+
+        return hook
+
+    def _input_gram(self, x: torch.Tensor) -> torch.Tensor:
+        """X_n X_n^T per example [B, T, T] in fp32; q/k/v (and gate/up) share one input, hence one Gram."""
+        cached = self._gram_cache
+        if cached is not None:
+            prev, kx = cached
+            # `prev` is kept alive, so an equal data_ptr with equal layout and version is the same tensor.
+            if prev is x or (
+                prev.data_ptr() == x.data_ptr()
+                and prev.shape == x.shape
+                and prev.stride() == x.stride()
+                and prev.dtype == x.dtype
+                and prev._version == x._version
+            ):
+                return kx
+        xd = x.detach()
+        xm = xd.reshape(xd.shape[0], -1, xd.shape[-1]).float()
+        kx = torch.bmm(xm, xm.transpose(1, 2))
+        self._gram_cache = (xd, kx)
+        return kx
+
+    def _norm_hook(self, idx: int, group: int, mod: nn.Module):
+        is_layer_norm = isinstance(mod, nn.LayerNorm)
+        has_bias = getattr(mod, "bias", None) is not None
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            out = _output_tensor(output)
+            if not out.requires_grad:
+                return
+            x = args[0].detach()
+            eps = _norm_eps(mod, x.dtype)
+            bsz, dim = x.shape[0], x.shape[-1]
+
+            def grad_hook(g: torch.Tensor) -> None:
+                xf = x.reshape(bsz, -1, dim).float()
+                if is_layer_norm:
+                    xf = xf - xf.mean(-1, keepdim=True)
+                xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+                gm = g.detach().reshape(bsz, -1, dim).float()
+                score = (gm * xhat).sum(1).pow(2).sum()
+                if has_bias:
+                    score = score + gm.sum(1).pow(2).sum()
+                self._fisher.append((idx, group, score))
+
+            out.register_hook(grad_hook)
+
+        return hook

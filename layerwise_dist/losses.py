@@ -1,0 +1,385 @@
+"""Distillation losses: task CE, logit KD (forward KL, reverse KL, JSD) and hidden-state alignment.
+
+Conventions (torchtune ``kd_losses`` style):
+
+- ``logits`` are ``[B, T, V]``; HF causal-LM convention: the logits at position ``t`` predict token ``t + 1``.
+- Every loss upcasts to fp32 before softmax/log-softmax: bf16 log-probabilities lose the small tail
+  probabilities that dominate KL gradients.
+- Token masks are boolean ``[B, T]`` over *logit positions*. ``answer`` masking keeps position ``t`` when
+  ``labels[:, t + 1] != -100`` (the shifted label mask), ``all`` keeps positions with ``attention_mask == 1``.
+- Reduction is the mean over kept positions; a batch with no kept position gives exactly ``0`` (no NaN),
+  and the gradient is zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from layerwise_dist.config import DistillConfig
+
+IGNORE_INDEX = -100
+
+
+class LossInputError(ValueError):
+    """Inputs of a loss have incompatible shapes, vocabularies or layer maps."""
+
+
+def shifted_label_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``[B, T]`` bool over logit positions: ``mask[:, t] = labels[:, t + 1] != ignore_index``, last position False."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != ignore_index
+    return mask
+
+
+def token_mask(batch: Mapping[str, torch.Tensor], mode: str, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The KD token mask of a batch: ``answer`` (shifted label mask) or ``all`` (attention mask)."""
+    if mode == "answer":
+        return shifted_label_mask(batch["labels"], ignore_index)
+    if mode == "all":
+        return batch["attention_mask"].bool()
+    raise LossInputError(f"mask must be 'answer' or 'all'; got {mode!r}")
+
+
+def _kl_per_token(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``sum_v p_v (log p_v - log q_v)`` over the last dim, with ``0 log 0 = 0``; ``[N, V] -> [N]``."""
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def _kept_log_probs(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 tempered log-softmaxes ``[N, V]`` of the ``N`` kept positions of student and teacher."""
+    if student_logits.shape != teacher_logits.shape:
+        raise LossInputError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+        )
+    if student_logits.dim() != 3 or mask.shape != student_logits.shape[:2]:
+        raise LossInputError(
+            f"expected logits [B, T, V] and mask [B, T]; got {tuple(student_logits.shape)}, {tuple(mask.shape)}"
+        )
+    # Select before the softmax: answer masking keeps a few tokens per prompt, and whatever sits at a
+    # masked position (inf, NaN) can then reach neither the loss nor its gradient.
+    mask = mask.bool()
+    log_s = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
+    return log_s, log_t
+
+
+def _mean_over_kept(per_token: torch.Tensor) -> torch.Tensor:
+    """Mean of ``[N]`` per-token losses; exactly 0 (with zero gradient) when ``N == 0``."""
+    return per_token.sum() / max(per_token.numel(), 1)
+
+
+class TaskCrossEntropy(nn.Module):
+    """Next-token cross-entropy on the answer tokens.
+
+    ``CE = -(1/N) sum_{b,t: labels[b,t+1] != -100} log softmax(logits[b,t])[labels[b,t+1]]``
+
+    Shapes: ``logits`` [B, T, V] (any float dtype, computed in fp32), ``labels`` [B, T] (``-100`` = ignored).
+    The shift follows HF: logits at ``t`` predict token ``t + 1``. No answer token -> 0.
+    """
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if logits.shape[:2] != labels.shape:
+            raise LossInputError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in [B, T]")
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
+        shift_labels = labels[:, 1:].reshape(-1)
+        total = F.cross_entropy(shift_logits, shift_labels, ignore_index=self.ignore_index, reduction="sum")
+        count = (shift_labels != self.ignore_index).sum().clamp(min=1)
+        return total / count.to(total.dtype)
+
+
+class ForwardKLLoss(nn.Module):
+    """Forward KL (Hinton et al. 2015, eq. 2 with the T^2 gradient rescaling).
+
+    ``L = T^2 * (1/N) sum_{kept (b,t)} KL(p_T || p_S)``, with ``p_T = softmax(z_T / T)``,
+    ``p_S = softmax(z_S / T)`` over the vocabulary, ``KL(p || q) = sum_v p_v (log p_v - log q_v)``.
+
+    Shapes: ``student_logits``, ``teacher_logits`` [B, T, V]; ``mask`` [B, T] bool (kept positions).
+    Mean-seeking: the student covers all teacher modes. Identical logits -> 0; nothing kept -> 0.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise LossInputError(f"temperature must be > 0; got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        log_s, log_t = _kept_log_probs(student_logits, teacher_logits, mask, self.temperature)
+        return self.temperature**2 * _mean_over_kept(_kl_per_token(log_t, log_s))
+
+
+class ReverseKLLoss(nn.Module):
+    """Reverse KL (MiniLLM, Gu et al. 2024): mode-seeking.
+
+    ``L = T^2 * (1/N) sum_{kept (b,t)} KL(p_S || p_T)`` with the same tempered softmaxes and T^2 scaling as
+    :class:`ForwardKLLoss`. Shapes and masking as there.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise LossInputError(f"temperature must be > 0; got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        log_s, log_t = _kept_log_probs(student_logits, teacher_logits, mask, self.temperature)
+        return self.temperature**2 * _mean_over_kept(_kl_per_token(log_s, log_t))
+
+
+class JSDLoss(nn.Module):
+    """Generalised Jensen-Shannon divergence (GKD, Agarwal et al. 2024, eq. 1; TRL's convention).
+
+    ``JSD(beta) = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)``, ``m = beta * p_T + (1 - beta) * p_S``,
+    for ``0 < beta < 1``; symmetric in teacher/student at ``beta = 0.5``. The formula vanishes at the end
+    points, so (as TRL) ``beta = 0`` is the forward KL ``KL(p_T || p_S)`` and ``beta = 1`` the reverse KL
+    ``KL(p_S || p_T)`` (the limits of the mode-covering / mode-seeking behaviour, up to scale).
+
+    Tempered softmaxes and T^2 scaling as :class:`ForwardKLLoss`; ``log m`` via logsumexp for stability.
+    Shapes: logits [B, T, V], ``mask`` [B, T] bool. Identical logits -> 0; nothing kept -> 0.
+    """
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= beta <= 1.0:
+            raise LossInputError(f"beta must be in [0, 1]; got {beta}")
+        if temperature <= 0:
+            raise LossInputError(f"temperature must be > 0; got {temperature}")
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        log_s, log_t = _kept_log_probs(student_logits, teacher_logits, mask, self.temperature)
+        if self.beta == 0.0:
+            per_token = _kl_per_token(log_t, log_s)
+        elif self.beta == 1.0:
+            per_token = _kl_per_token(log_s, log_t)
+        else:
+            log_m = torch.logsumexp(
+                torch.stack([log_t + math.log(self.beta), log_s + math.log(1.0 - self.beta)]), dim=0
+            )
+            per_token = self.beta * _kl_per_token(log_t, log_m) + (1.0 - self.beta) * _kl_per_token(log_s, log_m)
+        return self.temperature**2 * _mean_over_kept(per_token)
+
+
+class HiddenAlignmentLoss(nn.Module):
+    """Alignment of one student layer's hidden states with its mapped teacher layer.
+
+    ``h = proj(h_S)`` (a learned ``nn.Linear(student_dim, teacher_dim, bias=False)`` when the widths differ,
+    FitNets-style; identity otherwise), then per token
+
+    - ``mse``:    ``l_t = (1/D) || h_t - h_T,t ||^2``
+    - ``cosine``: ``l_t = 1 - cos(h_t, h_T,t)``
+
+    and the mean of ``l_t`` over real tokens (``attention_mask == 1``). Shapes: ``student_hidden`` [B, T, Ds],
+    ``teacher_hidden`` [B, T, Dt], ``attention_mask`` [B, T]. fp32 maths; no real token -> 0. The projection
+    (if any) is a trainable parameter: give :meth:`parameters` to the optimizer.
+    """
+
+    def __init__(self, kind: str = "mse", student_dim: int | None = None, teacher_dim: int | None = None) -> None:
+        super().__init__()
+        if kind not in ("mse", "cosine"):
+            raise LossInputError(f"alignment kind must be 'mse' or 'cosine'; got {kind!r}")
+        self.kind = kind
+        self.student_dim = student_dim
+        self.teacher_dim = teacher_dim
+        self.proj: nn.Linear | None = None
+        if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
+            self.proj = nn.Linear(student_dim, teacher_dim, bias=False, dtype=torch.float32)
+
+    def forward(
+        self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        if student_hidden.shape[:2] != teacher_hidden.shape[:2] or attention_mask.shape != student_hidden.shape[:2]:
+            raise LossInputError(
+                f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} and attention mask "
+                f"{tuple(attention_mask.shape)} differ in [B, T]"
+            )
+        keep = attention_mask.bool()
+        h_s = student_hidden[keep].float()
+        h_t = teacher_hidden[keep].float()
+        if self.proj is not None:
+            h_s = self.proj(h_s)
+        if h_s.shape[-1] != h_t.shape[-1]:
+            raise LossInputError(
+                f"student width {student_hidden.shape[-1]} != teacher width {h_t.shape[-1]}: build "
+                "HiddenAlignmentLoss with student_dim and teacher_dim to learn a projection"
+            )
+        if self.kind == "mse":
+            per_token = (h_s - h_t).pow(2).mean(-1)
+        else:
+            per_token = 1.0 - F.cosine_similarity(h_s, h_t, dim=-1, eps=1e-8)
+        return _mean_over_kept(per_token)
+
+
+class LayerOutputsHandle:
+    """Removes the hooks installed by :func:`expose_layer_outputs`."""
+
+    def __init__(self, handles: list) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def expose_layer_outputs(model: nn.Module) -> LayerOutputsHandle:
+    """Make ``output_hidden_states=True`` return raw decoder-layer outputs for every layer.
+
+    HF replaces the last ``hidden_states`` entry by the output of the final norm, so a model's last layer
+    would be aligned *after* its norm with a raw hidden state of the other model. A pre-hook on the final
+    norm keeps its input (the raw output of the last layer) and a hook on ``model`` puts it back as
+    ``hidden_states[-1]``; the output is marked ``raw_layer_outputs = True``. Logits are unchanged.
+    Give the HF model (``engine.module`` under DeepSpeed); ``.remove()`` on the result undoes it.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise LossInputError(f"{type(model).__name__} has no final norm at get_decoder().norm to hook")
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_norm_input(_module: nn.Module, args: tuple) -> None:
+        captured["last"] = args[0]
+
+    def restore_last(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        last = captured.pop("last", None)
+        hidden = getattr(output, "hidden_states", None)
+        if isinstance(output, ModelOutput) and hidden is not None and last is not None:
+            output.hidden_states = (*tuple(hidden)[:-1], last)
+            output.raw_layer_outputs = True
+        return output
+
+    return LayerOutputsHandle(
+        [norm.register_forward_pre_hook(keep_norm_input), model.register_forward_hook(restore_last)]
+    )
+
+
+def _post_norm_last(out: Any) -> bool:
+    """Whether ``out.hidden_states[-1]`` is after the final norm (an HF output not passed through the hook)."""
+    return isinstance(out, ModelOutput) and not getattr(out, "raw_layer_outputs", False)
+
+
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def kd_loss_from_config(cfg: DistillConfig) -> nn.Module:
+    """The logit KD module named by ``cfg.kd_loss`` at ``cfg.temperature`` (and ``cfg.jsd_beta``)."""
+    if cfg.kd_loss == "forward_kl":
+        return ForwardKLLoss(cfg.temperature)
+    if cfg.kd_loss == "reverse_kl":
+        return ReverseKLLoss(cfg.temperature)
+    if cfg.kd_loss == "jsd":
+        return JSDLoss(cfg.jsd_beta, cfg.temperature)
+    raise LossInputError(f"distill.kd_loss must be one of {', '.join(KD_LOSSES)}; got {cfg.kd_loss!r}")
+
+
+class DistillationLoss(nn.Module):
+    """The whole objective: ``total = a * CE + b * KD + align_weight * sum_l w_l * align_l``.
+
+    ``a = cfg.ce_weight``, ``b = cfg.kd_weight``; KD is ``cfg.kd_loss`` on the tokens of ``cfg.mask``;
+    ``align_l`` is :class:`HiddenAlignmentLoss` (``cfg.align_loss``) between student layer ``l`` and teacher
+    layer ``layer_map[l]``, weighted by ``layer_weights[l]`` (normally summing to 1, see
+    :func:`layerwise_dist.weighting.layer_weights`).
+
+    Hidden states follow HF ``output_hidden_states=True``: ``hidden_states[0]`` is the embedding output and
+    ``hidden_states[i + 1]`` the output of decoder layer ``i``. HF replaces the *last* entry by the output
+    of the final norm; pairing such a post-norm state with a raw one is an error: call
+    :func:`expose_layer_outputs` on student and teacher once (then every entry is a raw layer output).
+
+    Vocabularies: student and teacher logits must have the same size ``V`` unless ``cfg.shared_vocab_only``,
+    in which case KD uses the first ``min(V_S, V_T)`` entries (a shared tokenizer whose embedding matrices
+    were padded differently).
+
+    Each alignment layer with differing widths owns a trainable projection: the optimizer must receive
+    :meth:`parameters` of this module (empty when the widths agree).
+    """
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        layer_weights: Sequence[float],
+        layer_map: Sequence[int],
+        student_dim: int,
+        teacher_dim: int,
+    ) -> None:
+        super().__init__()
+        if len(layer_weights) != len(layer_map):
+            raise LossInputError(
+                f"{len(layer_weights)} layer weights for {len(layer_map)} mapped student layers: they must match"
+            )
+        if any(not math.isfinite(w) or w < 0 for w in layer_weights):
+            raise LossInputError(f"layer weights must be finite and non-negative; got {list(layer_weights)}")
+        if any(int(t) < 0 for t in layer_map):
+            raise LossInputError(f"layer_map holds a negative teacher layer: {list(layer_map)}")
+        self.cfg = cfg
+        self.layer_weights = [float(w) for w in layer_weights]
+        self.layer_map = [int(t) for t in layer_map]
+        self.ce = TaskCrossEntropy()
+        self.kd = kd_loss_from_config(cfg)
+        self.align = nn.ModuleList(
+            HiddenAlignmentLoss(cfg.align_loss, student_dim, teacher_dim) for _ in self.layer_map
+        )
+
+    def _kd_logits(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        v_s, v_t = student_logits.size(-1), teacher_logits.size(-1)
+        if v_s == v_t:
+            return student_logits, teacher_logits
+        if not self.cfg.shared_vocab_only:
+            raise LossInputError(
+                f"student vocabulary ({v_s}) != teacher vocabulary ({v_t}); set distill.shared_vocab_only=true "
+                "to distil on the shared first min(V) entries"
+            )
+        v = min(v_s, v_t)
+        return student_logits[..., :v], teacher_logits[..., :v]
+
+    def forward(self, student_out: Any, teacher_out: Any, batch: Mapping[str, torch.Tensor]) -> tuple:
+        """Returns ``(total, components)``; components hold detached fp32 scalars ``ce``, ``kd``, ``align``
+        and ``align_l<i>`` (unweighted alignment of student layer ``i``)."""
+        s_logits, t_logits = student_out.logits, teacher_out.logits.detach()
+        ce = self.ce(s_logits, batch["labels"])
+        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
+        kd = self.kd(s_kd, t_kd, token_mask(batch, self.cfg.mask))
+
+        components: dict[str, torch.Tensor] = {}
+        align = s_logits.new_zeros((), dtype=torch.float32)
+        s_hidden = getattr(student_out, "hidden_states", None)
+        t_hidden = getattr(teacher_out, "hidden_states", None)
+        if self.cfg.align_weight > 0 and self.layer_map and (s_hidden is None or t_hidden is None):
+            raise LossInputError("hidden-state alignment needs output_hidden_states=True on student and teacher")
+        # With align_weight 0 the per-layer terms are still logged when the hidden states are there.
+        if self.layer_map and s_hidden is not None and t_hidden is not None:
+            if len(s_hidden) - 1 != len(self.layer_map):
+                raise LossInputError(f"student has {len(s_hidden) - 1} layers but layer_map maps {len(self.layer_map)}")
+            if max(self.layer_map) >= len(t_hidden) - 1:
+                raise LossInputError(f"layer_map {self.layer_map} points past the teacher's {len(t_hidden) - 1} layers")
+            last_s, last_t = len(s_hidden) - 2, len(t_hidden) - 2
+            normed_s, normed_t = _post_norm_last(student_out), _post_norm_last(teacher_out)
+            for i, t_layer in enumerate(self.layer_map):
+                if (normed_s and i == last_s) != (normed_t and t_layer == last_t):
+                    raise LossInputError(
+                        f"student layer {i} and teacher layer {t_layer}: one is HF's post-norm hidden_states[-1], "
+                        "the other a raw layer output; call layerwise_dist.losses.expose_layer_outputs(model) on both"
+                    )
+            attention_mask = batch["attention_mask"]
+            for i, (t_layer, w, loss) in enumerate(zip(self.layer_map, self.layer_weights, self.align)):
+                a_i = loss(s_hidden[i + 1], t_hidden[t_layer + 1].detach(), attention_mask)
+                components[f"align_l{i}"] = a_i.detach()
+                align = align + w * a_i
+        total = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.align_weight * align
+        components = {"ce": ce.detach(), "kd": kd.detach(), "align": align.detach(), **components}
+        return total, components

@@ -1,0 +1,1 @@
+"""Teacher loading, tiny test models and student construction."""

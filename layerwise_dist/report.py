@@ -1,0 +1,266 @@
+"""Teacher-vs-student report: a markdown file, a PNG chart and the plain-text table the CLI prints.
+
+``results`` is a dict::
+
+    {
+        "teacher": {...},         # evaluate_model(...) | measure_cost(...) of the teacher
+        "student": {...},         # the same for the student (one of the two may be missing)
+        "comparison": {...},      # optional: evaluation.compare(teacher, student), computed when absent
+        "fisher": FisherProfile or its dict,   # optional
+        "student_layers": [..],   # optional: teacher layers the student kept
+        "layer_weights": [..],    # optional: alignment weight of each student layer
+        "title": "...",           # optional
+        "notes": ["..."],         # optional free lines (setup, caveats)
+    }
+
+Figures that were not measured (``None``) are printed as "n/a", never filled in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from layerwise_dist.evaluation import LATENCY_KEY, QUALITY_PREFIXES, compare
+
+COST_ROWS = (
+    ("latency_ms_per_example_median", "latency per example, median (ms)"),
+    ("latency_ms_per_batch_median", "latency per batch, median (ms)"),
+    ("throughput_examples_per_s", "throughput (examples/s)"),
+    ("num_parameters", "parameters"),
+    ("memory_model_bytes", "parameter + buffer memory (MiB)"),
+    ("cuda_peak_allocated_bytes", "CUDA peak allocated (MiB)"),
+    ("cpu_peak_rss_increase_bytes", "CPU peak RSS increase during inference (MiB)"),
+    ("cpu_peak_rss_bytes", "CPU process peak RSS (MiB, whole process)"),
+)
+
+
+def _fmt(value: Any, key: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if key.endswith("_bytes"):
+        return f"{value / 2**20:,.1f}"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if abs(value) <= 1:
+            return f"{value:.4f}"
+        return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.1f}"
+    return str(value)
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)  # NaN: matplotlib draws no bar
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _quality_keys(teacher: Mapping[str, Any], student: Mapping[str, Any]) -> list[str]:
+    keys = {k for side in (teacher, student) for k in side if k.startswith(QUALITY_PREFIXES)}
+    order = {"hr@": 0, "ndcg@": 1, "mrr": 2}
+    return sorted(
+        keys, key=lambda k: (order[next(p for p in order if k.startswith(p))], int(k.split("@")[1]) if "@" in k else 0)
+    )
+
+
+def _sides(results: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """(teacher, student) metric dicts; one of them may be missing (then shown as n/a)."""
+    teacher, student = results.get("teacher") or {}, results.get("student") or {}
+    if not teacher and not student:
+        raise KeyError("results needs a 'teacher' or 'student' metric dict (or both)")
+    return teacher, student
+
+
+def _comparison(results: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(results.get("comparison") or compare(*_sides(results)))
+
+
+def _rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(name, teacher, student, student relative to teacher) rows shared by the text and markdown tables."""
+    teacher, student = _sides(results)
+    comp = _comparison(results)
+    rows = []
+    for key in _quality_keys(teacher, student):
+        retained = comp.get("retained", {}).get(key)
+        rows.append(
+            (
+                key.upper() if key == "mrr" else key.replace("hr", "HR").replace("ndcg", "NDCG"),
+                _fmt(teacher.get(key)),
+                _fmt(student.get(key)),
+                f"{_pct(retained)} retained" if key in teacher and key in student else "",
+            )
+        )
+    if "n" in teacher or "n" in student:
+        rows.append(("examples", _fmt(teacher.get("n")), _fmt(student.get("n")), ""))
+    memory = comp.get("memory_reduction", {})
+    for key, name in COST_ROWS:
+        if teacher.get(key) is None and student.get(key) is None:
+            continue
+        rel = ""
+        if key == LATENCY_KEY and comp.get("speedup") is not None:
+            rel = f"{comp['speedup']:.2f}x faster"
+        elif key in memory:
+            rel = f"{_pct(memory[key])} less"
+        elif key == "num_parameters" and comp.get("parameter_reduction") is not None:
+            rel = f"{_pct(comp['parameter_reduction'])} fewer"
+        rows.append((name, _fmt(teacher.get(key), key), _fmt(student.get(key), key), rel))
+    return rows
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """Plain-text teacher/student table (what the CLI prints)."""
+    header = ("metric", "teacher", "student", "student vs teacher")
+    rows = [header, *_rows(results)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _profile(fisher: Any) -> Any:
+    from layerwise_dist.fisher.profile import FisherProfile
+
+    if isinstance(fisher, FisherProfile):
+        return fisher
+    if isinstance(fisher, Mapping):
+        return FisherProfile(**dict(fisher))
+    raise TypeError(f"results['fisher'] must be a FisherProfile or its dict; got {type(fisher).__name__}")
+
+
+def _fisher_lines(profile: Any, top_k: int = 5) -> list[str]:
+    weights = profile.normalized()
+    upper, lower = profile.depth_shares()
+    lines = [
+        "## Fisher profile",
+        "",
+        f"{profile.num_layers} teacher layers, {profile.form} form, {profile.labels} labels, "
+        f"{profile.num_examples} examples{f' ({profile.model_id})' if profile.model_id else ''}.",
+        "",
+        f"- top layers by Fisher score: {profile.top_layers(min(top_k, profile.num_layers))}",
+        f"- depth shares: the upper 30% of layers hold {upper:.1%} of the Fisher mass, the lower 30% hold {lower:.1%}",
+        "",
+    ]
+    lines += _md_table(
+        ("layer", "F_l", "share"),
+        [(str(i), f"{s:.5g}", f"{w:.2%}") for i, (s, w) in enumerate(zip(profile.scores, weights))],
+    )
+    return lines + [""]
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.png`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, png_path = out / "report.md", out / "report.png"
+    comp = _comparison(results)
+    profile = _profile(results["fisher"]) if results.get("fisher") is not None else None
+
+    lines = [f"# {results.get('title') or 'Layerwise distillation: teacher vs student'}", ""]
+    for note in results.get("notes") or []:
+        lines.append(f"- {note}")
+    if results.get("notes"):
+        lines.append("")
+    lines += ["## Teacher vs student", ""]
+    lines += _md_table(("metric", "teacher", "student", "student vs teacher"), _rows(results))
+    lines.append("")
+    lines += ["## Summary", ""]
+    retained = {k: v for k, v in comp.get("retained", {}).items() if v is not None}
+    if retained:
+        lines.append("- quality retained: " + ", ".join(f"{k} {_pct(v)}" for k, v in retained.items()))
+    speedup = comp.get("speedup")
+    lines.append(f"- speedup (median latency per example): {'n/a' if speedup is None else f'{speedup:.2f}x'}")
+    for key, value in comp.get("memory_reduction", {}).items():
+        lines.append(f"- memory reduction ({key}): {_pct(value)}")
+    if comp.get("parameter_reduction") is not None:
+        lines.append(f"- parameter reduction: {_pct(comp['parameter_reduction'])}")
+    for side in ("teacher", "student"):
+        missing = (results.get(side) or {}).get("unavailable") or {}
+        for key, why in missing.items():
+            lines.append(f"- {side} {key}: not measured ({why})")
+    lines.append("")
+    if results.get("student_layers") is not None:
+        kept = list(results["student_layers"])
+        weights = results.get("layer_weights")
+        lines += ["## Student layers", ""]
+        rows = [(str(i), str(t), "" if weights is None else f"{weights[i]:.3f}") for i, t in enumerate(kept)]
+        lines += _md_table(("student layer", "teacher layer", "alignment weight"), rows)
+        lines.append("")
+    if profile is not None:
+        lines += _fisher_lines(profile)
+    lines += [f"![comparison]({png_path.name})", ""]
+    md_path.write_text("\n".join(lines))
+    _plot(results, comp, profile, png_path)
+    return md_path, png_path
+
+
+def _plot(results: Mapping[str, Any], comp: Mapping[str, Any], profile: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teacher, student = _sides(results)
+    keys = _quality_keys(teacher, student)
+    panels = 3 if profile is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    try:
+        ax = axes[0]
+        x = range(len(keys))
+        for shift, name, side in ((-0.2, "teacher", teacher), (0.2, "student", student)):
+            if side:
+                ax.bar([i + shift for i in x], [_num(side.get(k)) for k in keys], width=0.4, label=name)
+        ax.set_xticks(list(x), keys, rotation=30)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"ranking quality (n={student.get('n', teacher.get('n', '?'))})")
+        ax.legend()
+
+        ax = axes[1]
+        names, values = [], []
+        for key, value in comp.get("retained", {}).items():
+            if value is not None:
+                names.append(f"{key} kept")
+                values.append(value)
+        if comp.get("speedup") is not None:
+            names.append("speedup (x)")
+            values.append(comp["speedup"])
+        for key, value in comp.get("memory_reduction", {}).items():
+            names.append(f"mem. less: {key.replace('_bytes', '')}")
+            values.append(value)
+        bars = ax.barh(range(len(names)), values, color="tab:green")
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.invert_yaxis()
+        ax.set_title("student relative to teacher")
+
+        if profile is not None:
+            ax = axes[2]
+            ax.bar(range(profile.num_layers), profile.normalized(), color="tab:purple")
+            kept = results.get("student_layers")
+            if kept:
+                weights = profile.normalized()
+                ax.scatter(list(kept), [weights[i] for i in kept], color="black", zorder=3, s=14, label="kept")
+                ax.legend()
+            ax.set_xlabel("teacher layer")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_title("Fisher share per layer")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)

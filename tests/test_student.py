@@ -1,0 +1,171 @@
+"""Layer selection, student construction (fp32 and 4-bit teachers) and the stored layer map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from layerwise_dist.models.student import (
+    StudentError,
+    build_student,
+    load_layer_map,
+    select_layers,
+    validate_layer_map,
+)
+from layerwise_dist.models.tiny import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_llama(num_layers=4, hidden=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    return torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def test_select_layers_strategies():
+    scores = [0.5, 3.0, 0.1, 2.0, 2.0, 0.7]
+    assert select_layers("fisher-topk", 6, 3, fisher_scores=scores) == [1, 3, 4]
+    assert select_layers("fisher-topk", 6, 2, fisher_scores=scores) == [1, 3]  # tie 3/4: shallower first
+    assert select_layers("uniform", 32, 8) == [0, 4, 9, 13, 18, 22, 27, 31]
+    assert select_layers("uniform", 6, 2) == [0, 5]
+    assert select_layers("uniform", 6, 6) == list(range(6))
+    assert select_layers("uniform", 6, 1) == [5]
+    assert select_layers("last", 6, 2) == [4, 5]
+    assert select_layers("first", 6, 2) == [0, 1]
+    assert select_layers("list", 6, None, layers=[0, 2, 5]) == [0, 2, 5]
+    assert select_layers("list", 6, 3, layers=[0, 2, 5]) == [0, 2, 5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strategy": "uniform", "num_student_layers": 7}, "more layers"),
+        ({"strategy": "fisher-topk", "num_student_layers": 2}, "needs Fisher scores"),
+        ({"strategy": "fisher-topk", "num_student_layers": 2, "fisher_scores": [1.0]}, "1 Fisher scores"),
+        ({"strategy": "list", "num_student_layers": None, "layers": [0, 6]}, "outside"),
+        ({"strategy": "list", "num_student_layers": None, "layers": [1, 1]}, "repeats"),
+        ({"strategy": "list", "num_student_layers": 3, "layers": [1, 2]}, "num_layers=3"),
+        ({"strategy": "list", "num_student_layers": None}, "needs explicit layers"),
+        ({"strategy": "random", "num_student_layers": 2}, "unknown layer selection"),
+    ],
+)
+def test_select_layers_errors(kwargs, match):
+    with pytest.raises(StudentError, match=match):
+        select_layers(num_teacher_layers=6, **kwargs)
+
+
+def _manual_forward(model, layer_ids, input_ids):
+    """Oracle: teacher embeddings -> chosen decoder layers -> final norm -> LM head."""
+    inner = model.model
+    position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0)
+    h = inner.embed_tokens(input_ids)
+    position_embeddings = inner.rotary_emb(h, position_ids=position_ids)
+    for i in layer_ids:
+        h = inner.layers[i](h, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
+        h = h[0] if isinstance(h, tuple) else h
+    return model.lm_head(inner.norm(h))
+
+
+def test_student_equals_teacher_layers_oracle(teacher, input_ids):
+    student, layer_map = build_student(teacher, [0, 2])
+    assert layer_map == [0, 2]
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in student.parameters())
+    assert student.model.embed_tokens.weight.data_ptr() != teacher.model.embed_tokens.weight.data_ptr()
+    student.eval()
+    with torch.no_grad():
+        oracle = _manual_forward(teacher, [0, 2], input_ids)
+        logits = student(input_ids).logits
+    torch.testing.assert_close(logits, oracle, rtol=0, atol=0)
+    # The KV cache works with the renumbered layers: incremental decoding equals the full forward.
+    with torch.no_grad():
+        prefix = student(input_ids[:, :-1], use_cache=True)
+        step = student(input_ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step[:, -1], logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_student_save_and_reload(teacher, input_ids, tmp_path):
+    student, _ = build_student(teacher, [1, 3], teacher_name="tiny-teacher")
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.layerwise_dist == {"layer_map": [1, 3], "teacher": "tiny-teacher"}
+    assert load_layer_map(tmp_path) == [1, 3] == load_layer_map(reloaded, num_teacher_layers=4)
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, student(input_ids).logits, rtol=0, atol=0)
+
+
+def test_student_from_folder_with_tied_embeddings(tmp_path, input_ids):
+    tied = tiny_llama(num_layers=3, seed=1)
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    tied.save_pretrained(tmp_path / "teacher")
+    student, layer_map = build_student(tmp_path / "teacher", [2])
+    assert layer_map == [2] and student.config.layerwise_dist["teacher"] == str(tmp_path / "teacher")
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids).logits, _manual_forward(tied, [2], input_ids), rtol=0, atol=0)
+
+
+def test_layer_map_override_and_errors(teacher):
+    student, _ = build_student(teacher, [0, 3])
+    assert load_layer_map(student, override=[1, 2], num_teacher_layers=4) == [1, 2]
+    with pytest.raises(StudentError, match="has 3 entries but the student has 2"):
+        load_layer_map(student, override=[0, 1, 2])
+    with pytest.raises(StudentError, match="past the teacher's 4 layers"):
+        load_layer_map(student, override=[0, 4], num_teacher_layers=4)
+    with pytest.raises(StudentError, match="stores no layer map"):
+        load_layer_map(tiny_llama(num_layers=2))
+    with pytest.raises(StudentError, match="non-negative integers"):
+        validate_layer_map([0, -1], 2)
+    with pytest.raises(StudentError, match="outside"):
+        build_student(teacher, [0, 4])
+
+
+QUANTIZATIONS = {
+    # NF4 error is a few percent of a weight's norm; LLM.int8 row-wise absmax well under one percent.
+    "nf4": (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.float32,
+        ),
+        "Linear4bit",
+        0.15,
+    ),
+    "int8": (BitsAndBytesConfig(load_in_8bit=True), "Linear8bitLt", 0.02),
+}
+
+
+@pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
+def test_student_from_quantized_teacher(teacher, tmp_path, input_ids, quantization):
+    quant, linear_cls, tolerance = QUANTIZATIONS[quantization]
+    teacher.save_pretrained(tmp_path)
+    q_teacher = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32)
+    assert type(q_teacher.model.layers[1].mlp.up_proj).__name__ == linear_cls
+    student, layer_map = build_student(q_teacher, [1, 3])
+    assert layer_map == [1, 3] and not hasattr(student.config, "quantization_config")
+    for name, module in student.named_modules():
+        assert type(module).__name__ not in ("Linear4bit", "Linear8bitLt"), name
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in student.parameters())
+    for s_idx, t_idx in enumerate(layer_map):
+        for name, w_s in student.model.layers[s_idx].named_parameters():
+            w_t = teacher.model.layers[t_idx].get_parameter(name)
+            assert w_s.shape == w_t.shape, name
+            if w_s.dim() == 2:  # quantized linear
+                assert ((w_s - w_t).norm() / w_t.norm()).item() < tolerance, name
+            else:  # norms are not quantized
+                torch.testing.assert_close(w_s, w_t, rtol=0, atol=0)
+    torch.testing.assert_close(student.lm_head.weight, teacher.lm_head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight, rtol=0, atol=0)
+    # The student trains: a backward pass reaches the dequantized weights.
+    student(input_ids, labels=input_ids).loss.backward()
+    assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
