@@ -150,7 +150,7 @@ class DistillConfig:
     temperature: float = _f(2.0, "softmax temperature T of logit KD")
     jsd_beta: float = _f(0.5, "beta of the generalised JSD")
     align_weight: float = _f(1.0, "total weight of hidden-state alignment (per-layer weights sum to 1)")
-    align_loss: str = _f("mse", "mse or cosine between mapped hidden states")
+    align_loss: str = _f("nmse", "nmse (MSE relative to the teacher state's norm), mse or cosine between mapped hidden states")
     layer_weighting: str = _f("fisher", "fisher, linear, uniform or a registered strategy name")
     weight_temperature: float = _f(1.0, "fisher weighting: weights ~ profile^(1/temperature)")
     mask: str = _f("answer", "answer (loss on answer tokens only) or all tokens")
@@ -158,7 +158,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _choice("distill", "kd_loss", self.kd_loss, ("forward_kl", "reverse_kl", "jsd"))
-        _choice("distill", "align_loss", self.align_loss, ("mse", "cosine"))
+        _choice("distill", "align_loss", self.align_loss, ("nmse", "mse", "cosine"))
         _choice("distill", "mask", self.mask, ("answer", "all"))
         for name in ("ce_weight", "kd_weight", "align_weight"):
             _positive("distill", name, getattr(self, name), allow_zero=True)
@@ -183,6 +183,7 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     log_every: int = _f(1, "log losses every N steps")
     resume: bool = _f(False, "continue from the newest checkpoint in output_dir at the exact step")
+    stop_at_step: int = _f(0, "end this run after N steps of the max_steps schedule, checkpointed (0 = run to max_steps); continue with resume=true, e.g. in time-limited cluster slots")
     seed: int = _f(42, "seed of data order and initialisation")
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
 
@@ -191,7 +192,7 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
             _positive("train", name, getattr(self, name))
         _positive("train", "lr", self.lr)
-        for name in ("warmup_steps", "eval_every", "save_every", "grad_clip", "weight_decay"):
+        for name in ("warmup_steps", "eval_every", "save_every", "grad_clip", "weight_decay", "stop_at_step"):
             _positive("train", name, getattr(self, name), allow_zero=True)
 
 

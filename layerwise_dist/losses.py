@@ -183,6 +183,8 @@ class HiddenAlignmentLoss(nn.Module):
     FitNets-style; identity otherwise), then per token
 
     - ``mse``:    ``l_t = (1/D) || h_t - h_T,t ||^2``
+    - ``nmse``:   ``l_t = || h_t - h_T,t ||^2 / (|| h_T,t ||^2 + eps)`` (scale-free: raw residual streams of
+      real LLMs carry a few huge channels, so plain MSE lets the deepest layers swamp every other term)
     - ``cosine``: ``l_t = 1 - cos(h_t, h_T,t)``
 
     and the mean of ``l_t`` over real tokens (``attention_mask == 1``). Shapes: ``student_hidden`` [B, T, Ds],
@@ -192,8 +194,8 @@ class HiddenAlignmentLoss(nn.Module):
 
     def __init__(self, kind: str = "mse", student_dim: int | None = None, teacher_dim: int | None = None) -> None:
         super().__init__()
-        if kind not in ("mse", "cosine"):
-            raise LossInputError(f"alignment kind must be 'mse' or 'cosine'; got {kind!r}")
+        if kind not in ("mse", "nmse", "cosine"):
+            raise LossInputError(f"alignment kind must be 'mse', 'nmse' or 'cosine'; got {kind!r}")
         self.kind = kind
         self.student_dim = student_dim
         self.teacher_dim = teacher_dim
@@ -221,6 +223,8 @@ class HiddenAlignmentLoss(nn.Module):
             )
         if self.kind == "mse":
             per_token = (h_s - h_t).pow(2).mean(-1)
+        elif self.kind == "nmse":
+            per_token = (h_s - h_t).pow(2).sum(-1) / (h_t.pow(2).sum(-1) + 1e-6)
         else:
             per_token = 1.0 - F.cosine_similarity(h_s, h_t, dim=-1, eps=1e-8)
         return _mean_over_kept(per_token)

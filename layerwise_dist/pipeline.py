@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .distributed import barrier, get_logger, init_distributed, is_main, rank, world_size
 from .models.teacher import load_teacher, load_tokenizer, resolve_model_dir
 
@@ -39,6 +39,7 @@ class Context:
     teacher_engine: Any = None
     datasets: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -103,7 +104,7 @@ def _equal_shard(n: int, per_rank_multiple: int = 1) -> range:
     per_rank = n // world_size()
     per_rank -= per_rank % per_rank_multiple
     if per_rank == 0:
-        raise ValueError(f"{n} examples cannot give each of {world_size()} ranks a batch of {per_rank_multiple}")
+        raise ConfigError(f"{n} examples cannot give each of {world_size()} ranks a batch of {per_rank_multiple}")
     return range(rank() * per_rank, (rank() + 1) * per_rank)
 
 
@@ -128,8 +129,25 @@ def teacher_engine(ctx: Context, for_fisher: bool) -> Any:
     else:
         engine = model.to(_device())
     ctx.timings["teacher_load_s"] = time.perf_counter() - t0
+    ctx.info["teacher"] = describe_placement(model)
+    log.info("teacher placement: %s", ctx.info["teacher"])
     ctx.teacher_engine = engine
     return engine
+
+
+def describe_placement(model: torch.nn.Module) -> dict[str, Any]:
+    """How the teacher is held on this rank: quantized modules, ZeRO-3 partitioning, local share."""
+    quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")})
+    params = list(model.parameters())
+    partitioned = bool(params) and all(hasattr(p, "ds_id") for p in params)
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return {
+        "quantized_modules": quantized,
+        "zero3_partitioned": partitioned,
+        "local_param_fraction": round(local / max(1, full), 4),
+        "world_size": world_size(),
+    }
 
 
 def _device() -> torch.device:
@@ -198,7 +216,7 @@ def run_distill(ctx: Context, profile: Any = None) -> Path:
 
         student = AutoModelForCausalLM.from_pretrained(cfg.student.model, dtype=torch.float32)
         if not cfg.student.layer_map:
-            raise ValueError("student.model needs student.layer_map (student layer -> teacher layer)")
+            raise ConfigError("student.model needs student.layer_map (student layer -> teacher layer)")
         layer_map = list(cfg.student.layer_map)
     else:
         layers = select_layers(
@@ -212,7 +230,7 @@ def run_distill(ctx: Context, profile: Any = None) -> Path:
     student.config._attn_implementation = ctx_attn(cfg)
     weights = layer_weights(cfg.distill.layer_weighting, layer_map, scores, temperature=cfg.distill.weight_temperature)
     log.info("student: teacher layers %s, alignment weights %s", layer_map, [round(w, 4) for w in weights])
-    ctx.tracker.log_params({"student.layer_map": layer_map, "distill.layer_weights": [round(w, 5) for w in weights]})
+    ctx.tracker.log_params({"resolved.student_layers": layer_map, "resolved.layer_weights": [round(w, 5) for w in weights]})
     if is_main():
         (ctx.out / "layer_weights.json").write_text(json.dumps({"layer_map": layer_map, "weights": weights}, indent=2))
 
@@ -243,8 +261,9 @@ def run_distill(ctx: Context, profile: Any = None) -> Path:
     if is_main():
         (ctx.out / "train_history.json").write_text(json.dumps(state.history, indent=2))
         ctx.tracker.log_artifact(ctx.out / "train_history.json")
-    first, last = state.history[0]["total"], state.history[-1]["total"]
-    log.info("distillation loss %.4f -> %.4f over %d steps", first, last, len(state.history))
+    if state.history:
+        first, last = state.history[0]["total"], state.history[-1]["total"]
+        log.info("distillation loss %.4f -> %.4f over %d steps", first, last, len(state.history))
     return ctx.out / "student"
 
 
@@ -311,7 +330,7 @@ def run_evaluate(ctx: Context, student_dir: Path | None = None, with_teacher: bo
         del model
     if "teacher" in results and "student" in results:
         results["comparison"] = compare(results["teacher"], results["student"])
-        ctx.tracker.log_metrics({f"comparison/{k}": v for k, v in results["comparison"].items() if isinstance(v, (int, float))})
+        ctx.tracker.log_metrics({"comparison": results["comparison"]})
     return results
 
 
@@ -340,6 +359,7 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES, evaluate_teacher: bool
             results.update(run_evaluate(ctx, student_dir, with_teacher=evaluate_teacher))
         ctx.timings["total_s"] = time.perf_counter() - t_start
         results["timings"] = ctx.timings
+        results["setup"] = ctx.info
         if is_main():
             _write_outputs(ctx, results)
         status = "FINISHED"

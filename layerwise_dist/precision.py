@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from .config import ConfigError
+
 
 def use_bf16(precision: str) -> bool:
     if precision == "bf16":
         if not torch.cuda.is_available():
-            raise ValueError("train.precision=bf16 needs CUDA here; use auto or fp32 on CPU")
+            raise ConfigError("train.precision=bf16 needs CUDA here; use auto or fp32 on CPU")
         return True
     if precision == "fp32":
         return False

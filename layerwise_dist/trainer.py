@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .distributed import all_reduce_sum, barrier, get_logger, is_main, rank, world_size
 from .tracking import NullTracker
 
@@ -71,13 +71,15 @@ def resolve_ds_config(path: str | Path, cfg: RunConfig, for_training: bool = Tru
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ds_config: {path} does not exist")
+        raise ConfigError(f"ds_config: {path} does not exist")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"ds_config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise ConfigError(f"ds_config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise ConfigError(f"ds_config: cannot read {path} ({e.strerror})") from None
     if not isinstance(ds, dict):
-        raise ValueError(f"ds_config: {path} must hold a JSON object")
+        raise ConfigError(f"ds_config: {path} must hold a JSON object")
     t = cfg.train
     owned = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -88,7 +90,7 @@ def resolve_ds_config(path: str | Path, cfg: RunConfig, for_training: bool = Tru
     for key, value in owned.items():
         given = ds.get(key, "auto")
         if given not in ("auto", value):
-            raise ValueError(
+            raise ConfigError(
                 f"ds_config: {path} sets {key}={given} but the run config gives {value}; "
                 f"set it to \"auto\" in the JSON or change train.* (train_batch_size = micro_batch_size * grad_accum * world_size)"
             )
@@ -98,10 +100,10 @@ def resolve_ds_config(path: str | Path, cfg: RunConfig, for_training: bool = Tru
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = bf16
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError(f"ds_config: {path} enables fp16; this package trains in bf16 (CUDA) or fp32")
+        raise ConfigError(f"ds_config: {path} enables fp16; this package trains in bf16 (CUDA) or fp32")
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage not in (0, 1, 2, 3):
-        raise ValueError(f"ds_config: {path} zero_optimization.stage must be 0-3; got {stage!r}")
+        raise ConfigError(f"ds_config: {path} zero_optimization.stage must be 0-3; got {stage!r}")
     opt = ds.get("optimizer")
     if isinstance(opt, dict):  # e.g. DeepSpeedCPUAdam for ZeRO-Offload: fill its "auto" values too
         params = opt.setdefault("params", {})
@@ -206,7 +208,7 @@ class DistillationRunner:
         per_micro = t.micro_batch_size
         micro_per_epoch = per_rank // per_micro
         if micro_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.train_data)} training examples cannot fill one micro-batch of {per_micro} on {world_size()} ranks"
             )
         global_micro = step * t.grad_accum + micro
@@ -239,7 +241,8 @@ class DistillationRunner:
         self.engine.train()
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="distill", disable=not is_main(), dynamic_ncols=True)
         start = time.perf_counter()
-        while self.state.step < t.max_steps:
+        end = min(t.max_steps, t.stop_at_step) if t.stop_at_step else t.max_steps
+        while self.state.step < end:
             step = self.state.step
             sums: dict[str, float] = {}
             for micro in range(t.grad_accum):
@@ -266,7 +269,7 @@ class DistillationRunner:
                 self.save_checkpoint()
         bar.close()
         elapsed = time.perf_counter() - start
-        log.info("distillation: %d steps in %.1f s", self.state.step, elapsed)
+        log.info("distillation: at step %d of %d after %.1f s", self.state.step, t.max_steps, elapsed)
         if self.valid_data is not None:
             self.validate()
         self.save_checkpoint()

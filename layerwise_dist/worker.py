@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, help_text, load_config
+from .config import help_text, load_config
 
 COMMANDS = {
     "fisher": ("fisher",),

