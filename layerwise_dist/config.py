@@ -180,6 +180,7 @@ class TrainConfig:
     warmup_steps: int = _f(4, "linear warmup steps before the cosine decay")
     grad_clip: float = _f(1.0, "gradient clipping norm (0 = off)")
     eval_every: int = _f(0, "validation loss every N steps (0 = only at the end)")
+    valid_examples: int = _f(16, "validation examples used for the validation loss (0 = the whole validation split)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     log_every: int = _f(1, "log losses every N steps")
     resume: bool = _f(False, "continue from the newest checkpoint in output_dir at the exact step")
@@ -192,7 +193,7 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
             _positive("train", name, getattr(self, name))
         _positive("train", "lr", self.lr)
-        for name in ("warmup_steps", "eval_every", "save_every", "grad_clip", "weight_decay", "stop_at_step"):
+        for name in ("warmup_steps", "eval_every", "valid_examples", "save_every", "grad_clip", "weight_decay", "stop_at_step"):
             _positive("train", name, getattr(self, name), allow_zero=True)
 
 
@@ -205,9 +206,11 @@ class EvalConfig:
     max_examples: int = _f(64, "test examples scored (0 = the whole test split)")
     latency_batches: int = _f(4, "batches timed for latency and throughput")
     split: str = _f("test", "test or valid")
+    student_quantization: str = _f("teacher", "precision the student is served and measured in: teacher (same as teacher.quantization), none, nf4 or int8")
 
     def __post_init__(self) -> None:
         _choice("eval", "split", self.split, ("test", "valid"))
+        _choice("eval", "student_quantization", self.student_quantization, ("teacher", "none", "nf4", "int8"))
         _positive("eval", "batch_size", self.batch_size)
         _positive("eval", "max_examples", self.max_examples, allow_zero=True)
         _positive("eval", "latency_batches", self.latency_batches)
@@ -272,6 +275,11 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path} expects a number; got {value!r}")
     if annotation is str:
         if isinstance(value, str):

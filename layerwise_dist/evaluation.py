@@ -214,8 +214,21 @@ def evaluate_model(
 
 
 def parameter_count(model: Any) -> int:
-    """Number of parameters; under ZeRO-3 the full (unpartitioned) count via ``ds_numel``."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    """Number of parameters (weights of the model, not storage elements).
+
+    Under ZeRO-3 the full (unpartitioned) count via ``ds_numel``. A bitsandbytes 4-bit
+    weight is stored packed (two 4-bit values per byte, in a wider storage dtype), so its
+    count comes from the original shape kept in its ``quant_state``.
+    """
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        shape = getattr(state, "shape", None)
+        if shape is not None:
+            total += int(torch.Size(shape).numel())
+        else:
+            total += int(getattr(p, "ds_numel", p.numel()))
+    return total
 
 
 def model_bytes(model: Any) -> int:

@@ -243,6 +243,8 @@ def run_distill(ctx: Context, profile: Any = None) -> Path:
     )
     train = ctx.examples("train")
     valid = ctx.examples("valid")
+    if cfg.train.valid_examples:
+        valid = valid.select(range(min(len(valid), cfg.train.valid_examples)))
     runner = DistillationRunner(
         cfg,
         student,
@@ -287,7 +289,6 @@ def run_evaluate(ctx: Context, student_dir: Path | None = None, with_teacher: bo
     its own share of the examples, sums all-reduced): that is how a recommender
     is served, and it keeps the latency figures free of ZeRO-3 all-gathers.
     """
-    from transformers import AutoModelForCausalLM
 
     from .data import collate
     from .evaluation import compare, evaluate_model, measure_cost
@@ -308,16 +309,12 @@ def run_evaluate(ctx: Context, student_dir: Path | None = None, with_teacher: bo
     if student_dir is not None:
         if not (Path(student_dir) / "config.json").exists():
             raise FileNotFoundError(f"no student model folder at {student_dir} (run the distill stage first)")
-        models.append(
-            (
-                "student",
-                lambda: AutoModelForCausalLM.from_pretrained(
-                    str(student_dir), dtype=torch.float32, attn_implementation=ctx_attn(cfg)
-                )
-                .eval()
-                .to(_device()),
-            )
+        quant = cfg.teacher.quantization if cfg.eval.student_quantization == "teacher" else cfg.eval.student_quantization
+        served = type(cfg.teacher)(
+            **{**cfg.teacher.__dict__, "model": str(student_dir), "quantization": quant, "placement": "replicate"}
         )
+        results["student_quantization"] = quant
+        models.append(("student", lambda: load_teacher(served).to(_device())))
     for name, load in models:
         model = load()
         t0 = time.perf_counter()

@@ -371,3 +371,79 @@ class DistillationRunner:
             shutil.rmtree(old, ignore_errors=True)
         barrier()
         return folder
+
+
+class DistillationTrainer:
+    """The original project's entry point, on the same DeepSpeed loop as the launchers.
+
+    ``DistillationTrainer(teacher_model=..., student_model=..., fisher_weights=...).train(loader, num_epochs=10)``
+
+    ``fisher_weights`` are either one weight per student layer, or per-teacher-layer
+    Fisher scores (then the mapped layers' scores are normalised). The student's layer
+    map comes from ``student.config.layerwise_dist`` (set by ``build_student``) or
+    ``layer_map=``. ``train_loader`` yields collated batches (``layerwise_dist.data.collate``).
+    """
+
+    def __init__(
+        self,
+        teacher_model: nn.Module,
+        student_model: nn.Module,
+        fisher_weights: Sequence[float] | None = None,
+        config: RunConfig | None = None,
+        layer_map: Sequence[int] | None = None,
+        ds_config: str | Path | None = None,
+    ) -> None:
+        from .config import load_config
+        from .losses import DistillationLoss, expose_layer_outputs
+        from .models.student import load_layer_map
+        from .weighting import layer_weights
+
+        self.cfg = config or load_config("default", ["tracking.enabled=false"])
+        self.layer_map = list(layer_map) if layer_map is not None else load_layer_map(student_model)
+        n_teacher = teacher_model.config.num_hidden_layers
+        if fisher_weights is None:
+            weights = layer_weights("uniform", self.layer_map)
+        elif len(fisher_weights) == len(self.layer_map) and len(fisher_weights) != n_teacher:
+            weights = [w / sum(fisher_weights) for w in fisher_weights]
+        else:
+            weights = layer_weights(
+                "fisher", self.layer_map, list(fisher_weights), temperature=self.cfg.distill.weight_temperature
+            )
+        expose_layer_outputs(student_model)
+        expose_layer_outputs(teacher_model)
+        loss_fn = DistillationLoss(
+            self.cfg.distill, weights, self.layer_map, student_model.config.hidden_size, teacher_model.config.hidden_size
+        )
+        from .distributed import init_distributed
+
+        init_distributed()
+        path = ds_config or self.cfg.ds_config
+        if not Path(path).is_file():  # an installed package run outside the repo: ship-independent default
+            path = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json"
+        self.runner = DistillationRunner(
+            self.cfg,
+            student_model,
+            teacher_model,
+            loss_fn,
+            [],
+            pad_token_id=0,
+            ds_config=resolve_ds_config(path, self.cfg),
+        ).setup()
+
+    def train(self, train_loader: Any, num_epochs: int = 1) -> list[dict[str, float]]:
+        """One optimizer step per batch; returns the per-step loss components."""
+        runner = self.runner
+        history = []
+        for _ in range(num_epochs):
+            for batch in train_loader:
+                batch = {k: v.to(runner.engine.device) for k, v in batch.items()}
+                loss, parts = runner._forward_loss(batch)
+                runner._check_finite(len(history), loss, parts)
+                runner.engine.backward(loss)
+                runner.engine.step()
+                history.append({"total": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
+        return history
+
+    @property
+    def student(self) -> nn.Module:
+        return self.runner.module.student

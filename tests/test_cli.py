@@ -38,13 +38,17 @@ def _one_line_error(out, *needles):
 def test_wrong_type_in_preset_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_steps: lots\n")
-    _one_line_error(run_cli(["distill", "--preset", str(bad), "--nproc", "1"], timeout=120), "train.max_steps expects an integer")
+    _one_line_error(
+        run_cli(["distill", "--preset", str(bad), "--nproc", "1"], timeout=120), "train.max_steps expects an integer"
+    )
 
 
 def test_invalid_ds_config_json(tmp_path):
     bad = tmp_path / "zero3.json"
     bad.write_text('{"zero_optimization": {"stage": 3}')
-    out = run_cli(["distill", "--preset", "tiny", "--nproc", "1", "--ds_config", str(bad), f"output_dir={tmp_path}/run"])
+    out = run_cli(
+        ["distill", "--preset", "tiny", "--nproc", "1", "--ds_config", str(bad), f"output_dir={tmp_path}/run"]
+    )
     _one_line_error(out, "not valid JSON")
 
 
@@ -55,7 +59,15 @@ def test_missing_ds_config(tmp_path):
 
 def test_missing_model_path(tmp_path):
     out = run_cli(
-        ["fisher", "--preset", "tiny", "--nproc", "1", f"teacher.model={tmp_path}/no_model", f"output_dir={tmp_path}/run"]
+        [
+            "fisher",
+            "--preset",
+            "tiny",
+            "--nproc",
+            "1",
+            f"teacher.model={tmp_path}/no_model",
+            f"output_dir={tmp_path}/run",
+        ]
     )
     _one_line_error(out, "ModelLoadError", "no_model")
 
@@ -84,10 +96,15 @@ def test_data_prepare_writes_splits(tmp_path):
         for k in range(6):
             item = f"I{(u + k) % 9}"
             items.add(item)
-            rows.append({"user_id": f"U{u}", "parent_asin": item, "asin": item, "rating": 5.0, "timestamp": 1000 * (u * 10 + k)})
+            rows.append(
+                {"user_id": f"U{u}", "parent_asin": item, "asin": item, "rating": 5.0, "timestamp": 1000 * (u * 10 + k)}
+            )
     reviews.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     meta.write_text("\n".join(json.dumps({"parent_asin": i, "title": f"Item {i}"}) for i in sorted(items)) + "\n")
-    out = run_cli(["data", "prepare", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "prep")], timeout=120)
+    out = run_cli(
+        ["data", "prepare", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "prep")],
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     stats = json.loads((tmp_path / "prep" / "stats.json").read_text())
     assert stats["users"] == 12

@@ -20,7 +20,9 @@ def test_every_preset_parses(preset):
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config("tiny", ["train.max_steps=7", "student.layers=[0,3]", "distill.temperature=3", "tracking.enabled=true"])
+    cfg = load_config(
+        "tiny", ["train.max_steps=7", "student.layers=[0,3]", "distill.temperature=3", "tracking.enabled=true"]
+    )
     assert cfg.train.max_steps == 7
     assert cfg.student.layers == [0, 3]
     assert cfg.distill.temperature == 3.0 and isinstance(cfg.distill.temperature, float)

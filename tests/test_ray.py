@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_env
 
+from conftest import REPO, run_env
 from layerwise_dist.config import ConfigError, load_config
 from layerwise_dist.ray_train import prepare_loop_config
 

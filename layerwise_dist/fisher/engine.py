@@ -27,8 +27,8 @@ def make_fisher_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:
     ``engine.backward`` does not rescale the loss). fp16 is refused: its loss scaling would
     scale the gradients the Fisher hooks square.
     """
-    import torch._dynamo  # noqa: F401  (must precede deepspeed.zero.Init; harmless otherwise)
     import deepspeed
+    import torch._dynamo  # noqa: F401  (must precede deepspeed.zero.Init; harmless otherwise)
 
     config = copy.deepcopy(ds_config)
     if config.get("fp16", {}).get("enabled") is True:
