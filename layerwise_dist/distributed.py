@@ -67,14 +67,14 @@ def backend() -> str:
 
 
 def init_distributed() -> None:
-    """Join the process group the launcher set up (deepspeed, torchrun, Ray); no-op alone.
+    """Join the process group the launcher set up (deepspeed, torchrun, Ray); a group of one alone.
 
     DeepSpeed picks gloo on its CPU accelerator and NCCL on CUDA by itself; we go
-    through it so ZeRO-3 and our own collectives share one group.
+    through it so ZeRO-3 and our own collectives share one group. When a launcher
+    (Ray Train, a user's ``init_process_group``) already made the group, DeepSpeed
+    must still wrap it, or its config would see a world of one.
     """
-    if dist.is_initialized():
-        return
-    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
         # A single process without a launcher: DeepSpeed still wants a group of one.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

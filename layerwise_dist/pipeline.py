@@ -300,7 +300,8 @@ def run_evaluate(ctx: Context, student_dir: Path | None = None, with_teacher: bo
     per_rank = -(-n // world_size())
     mine = list(range(rank() * per_rank, min(n, (rank() + 1) * per_rank)))
     batches = [collate([data[i] for i in mine[j : j + bs]], ctx.tokenizer.pad_token_id) for j in range(0, len(mine), bs)]
-    timed = batches[: cfg.eval.latency_batches]
+    timed = batches[: cfg.eval.latency_batches + 1]  # one warm-up batch, then the timed ones
+    warmup = 1 if len(timed) > 1 else 0
     results: dict[str, Any] = {"config": {"examples": n, "ranks": world_size(), "batch_size": bs}}
     models: list[tuple[str, Any]] = []
     if with_teacher:
@@ -320,7 +321,7 @@ def run_evaluate(ctx: Context, student_dir: Path | None = None, with_teacher: bo
         t0 = time.perf_counter()
         metrics = evaluate_model(model, batches, cfg.eval.ks, progress=True)
         ctx.timings[f"eval_{name}_s"] = time.perf_counter() - t0
-        cost = measure_cost(model, timed)
+        cost = measure_cost(model, timed, warmup=warmup)
         results[name] = {**metrics, **cost}
         ctx.tracker.log_metrics({f"{name}/{k}": v for k, v in results[name].items() if isinstance(v, (int, float))})
         log.info("%s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))

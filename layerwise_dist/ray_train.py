@@ -117,18 +117,12 @@ def train_func(config: dict[str, Any]) -> None:
         threads = int(config.get("cpu_threads", 1))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-    import deepspeed
-
-    from .distributed import backend, barrier, get_logger, is_main, local_rank
+    from .distributed import barrier, get_logger, is_main
     from .pipeline import run
     from .worker import COMMANDS
 
-    # Ray's TorchConfig already made the torch group, so distributed.init_distributed() returns
-    # early; DeepSpeed's comm layer must still wrap that group (it does not make a second one),
-    # otherwise DeepSpeedConfig sees world_size 1 and rejects train_batch_size.
-    deepspeed.init_distributed(dist_backend=backend())
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+    # Ray's TorchConfig already made the torch group; pipeline.setup -> init_distributed()
+    # has DeepSpeed wrap it (no second group), so ZeRO-3 sees the real world size.
     command = config["command"]
     cfg = load_config(config["preset"], list(config["overrides"]))
     results = run(cfg, COMMANDS[command], evaluate_teacher=command != "distill")

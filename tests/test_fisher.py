@@ -74,7 +74,7 @@ def brute_activation(model, batches, labels="empirical", seed=0):
     for batch in batches:
         seen = {}
 
-        def keep(idx):
+        def keep(idx, seen=seen):
             def hook(module, args, kwargs, output):
                 seen[idx] = (args[0] if args else kwargs["hidden_states"], output)
 
@@ -256,4 +256,4 @@ def test_four_bit_gram_trick_equals_dequantized_brute_force(tmp_path):
             n4 += 1
     assert n4 == 7 * len(decoder_layers(q4))
     expected = brute_parameter(ref, batches)
-    _close(prof.scores, expected.sum(1), 1e-3)
+    _close(prof.scores, expected.sum(1), 1e-4)

@@ -159,10 +159,9 @@ class FisherHooks:
             h_out = _output_tensor(output)
             with torch.no_grad():
                 cos = F.cosine_similarity(h_in.detach().float(), h_out.detach().float(), dim=-1)
-                mask = self._mask.to(cos.device).bool() if self._mask is not None else torch.ones_like(cos, dtype=torch.bool)
-                cos = cos[mask]
-                bi = (1.0 - cos).sum()
-                ang = torch.arccos(cos.clamp(-1.0, 1.0)).sum() / math.pi
+                mask = self._mask.to(cos) if self._mask is not None else torch.ones_like(cos)
+                bi = ((1.0 - cos) * mask).sum()
+                ang = (torch.arccos(cos.clamp(-1.0, 1.0)) * mask).sum() / math.pi
             self._controls.append((idx, bi, ang))
             if self.form == "activation" and h_out.requires_grad:
 

@@ -76,7 +76,9 @@ def example_seed(seed: int, batch: Mapping[str, torch.Tensor], n: int) -> int:
     return zlib.crc32(ids.detach().to("cpu", torch.int64).numpy().tobytes(), seed & 0xFFFFFFFF)
 
 
-def sample_tokens(logits: torch.Tensor, rows: torch.Tensor, batch: Mapping[str, torch.Tensor], seed: int) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor, rows: torch.Tensor, batch: Mapping[str, torch.Tensor], seed: int
+) -> torch.Tensor:
     """Draw one token per answer position from softmax(logits) (fp32), seeded per example."""
     probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
     out = torch.empty(rows.shape[0], dtype=torch.long)

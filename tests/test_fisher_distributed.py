@@ -1,0 +1,66 @@
+"""2 ranks under DeepSpeed ZeRO-3 (the real launcher, gloo on CPU) give the 1-rank profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fisher_worker import CASES, make_examples
+
+from layerwise_dist.fisher import collate_examples, compute_fisher_profile
+from layerwise_dist.models.tiny import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_rank_zero3_profile_equals_one_rank(tmp_path):
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [str(launcher), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd += ["tests/fisher_worker.py", "--out", str(tmp_path), "--num-examples", "8", "--batch-size", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    for res in results:
+        assert res["world"] == 2 and res["norms_unchanged"]
+        # ZeRO-3 really partitioned the weights: each rank holds half of every parameter.
+        assert res["partition"]["shard_numel"] * 2 <= res["partition"]["full_numel"] + 2 * 64
+    assert results[0]["profiles"] == results[1]["profiles"], "the all-reduced profile must be identical on every rank"
+
+    model = tiny_llama(seed=0)
+    examples = make_examples(8)
+    batches = [collate_examples(examples[i : i + 2]) for i in range(0, 8, 2)]
+    for form, labels in CASES:
+        got = results[0]["profiles"][f"{form}/{labels}"]
+        ref = compute_fisher_profile(model, batches, form, labels, seed=3, progress=False)
+        assert got["num_examples"] == ref.num_examples == 8 and got["num_tokens"] == ref.num_tokens
+        for key in ("scores", "block_influence", "angular_distance"):
+            torch.testing.assert_close(
+                torch.tensor(got[key], dtype=torch.float64),
+                torch.tensor(getattr(ref, key), dtype=torch.float64),
+                rtol=1e-5,
+                atol=0,
+            )
+        for group, values in ref.module_scores.items():
+            torch.testing.assert_close(
+                torch.tensor(got["module_scores"][group], dtype=torch.float64),
+                torch.tensor(values, dtype=torch.float64),
+                rtol=1e-5,
+                atol=0,
+            )
