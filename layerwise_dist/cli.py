@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import add_prepare_arguments
 
     prep = data_sub.add_parser(
-        "prepare", help="reviews + metadata -> splits (parquet) + stats.json", description="reviews + metadata -> splits"
+        "prepare",
+        help="reviews + metadata -> splits (parquet) + stats.json",
+        description="reviews + metadata -> splits",
     )
     add_prepare_arguments(prep)
     show = sub.add_parser("config", help="print the resolved configuration (YAML) or every key with its help")

@@ -46,7 +46,10 @@ def _positive(section: str, name: str, value: float, allow_zero: bool = False) -
 class DataConfig:
     """Where the reviews come from and how they become ranking prompts."""
 
-    source: str = _f("embedded", "embedded (All_Beauty sample shipped with the package), amazon2023, benchmark_csv, llmrank or prepared")
+    source: str = _f(
+        "embedded",
+        "embedded (All_Beauty sample shipped with the package), amazon2023, benchmark_csv, llmrank or prepared",
+    )
     reviews: str = _f("", "reviews file (jsonl, jsonl.gz, parquet, rating_only csv) or a folder holding the files")
     meta: str = _f("", "item metadata file (jsonl, jsonl.gz, parquet or csv)")
     category: str = _f("All_Beauty", "Amazon Reviews 2023 category name, used in prompts and run names")
@@ -68,7 +71,9 @@ class DataConfig:
         for name in ("kcore", "history_len", "title_max_tokens", "max_length", "train_targets_per_user"):
             _positive("data", name, getattr(self, name))
         if not 2 <= self.num_candidates <= 26:
-            raise ConfigError(f"data.num_candidates must be in [2, 26] (one letter label each); got {self.num_candidates}")
+            raise ConfigError(
+                f"data.num_candidates must be in [2, 26] (one letter label each); got {self.num_candidates}"
+            )
         for name in ("max_train_examples", "max_eval_examples"):
             _positive("data", name, getattr(self, name), allow_zero=True)
         if self.source != "embedded" and not self.reviews:
@@ -79,12 +84,16 @@ class DataConfig:
 class TeacherConfig:
     """The frozen teacher LLM and how it is placed on the workers."""
 
-    model: str = _f("embedded:smollm2", "embedded:smollm2, tiny (random 4-layer Llama), a HF model folder, a .gguf file or a hub id")
+    model: str = _f(
+        "embedded:smollm2", "embedded:smollm2, tiny (random 4-layer Llama), a HF model folder, a .gguf file or a hub id"
+    )
     gguf_file: str = _f("", "GGUF file name inside the model folder, when the folder holds one")
     quantization: str = _f("nf4", "nf4 (bitsandbytes 4-bit, double quantization), int8 or none")
     placement: str = _f("zero3", "zero3 (partitioned across ranks by DeepSpeed) or replicate (each rank holds it)")
     trust_remote_code: bool = _f(False, "allow model code from the model folder or hub")
-    attn_implementation: str = _f("auto", "auto (flash_attention_2 on CUDA with flash-attn, else sdpa), sdpa, eager or flash_attention_2")
+    attn_implementation: str = _f(
+        "auto", "auto (flash_attention_2 on CUDA with flash-attn, else sdpa), sdpa, eager or flash_attention_2"
+    )
     tiny_layers: int = _f(4, "tiny preset: number of decoder layers")
     tiny_hidden: int = _f(64, "tiny preset: hidden size")
     tiny_seed: int = _f(0, "tiny preset: seed of the random weights")
@@ -92,7 +101,9 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         _choice("teacher", "quantization", self.quantization, ("nf4", "int8", "none"))
         _choice("teacher", "placement", self.placement, ("zero3", "replicate"))
-        _choice("teacher", "attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+        _choice(
+            "teacher", "attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2")
+        )
         if not self.model:
             raise ConfigError("teacher.model is empty: give embedded:smollm2, tiny, a folder, a .gguf file or a hub id")
         _positive("teacher", "tiny_layers", self.tiny_layers)
@@ -150,7 +161,9 @@ class DistillConfig:
     temperature: float = _f(2.0, "softmax temperature T of logit KD")
     jsd_beta: float = _f(0.5, "beta of the generalised JSD")
     align_weight: float = _f(1.0, "total weight of hidden-state alignment (per-layer weights sum to 1)")
-    align_loss: str = _f("nmse", "nmse (MSE relative to the teacher state's norm), mse or cosine between mapped hidden states")
+    align_loss: str = _f(
+        "nmse", "nmse (MSE relative to the teacher state's norm), mse or cosine between mapped hidden states"
+    )
     layer_weighting: str = _f("fisher", "fisher, linear, uniform or a registered strategy name")
     weight_temperature: float = _f(1.0, "fisher weighting: weights ~ profile^(1/temperature)")
     mask: str = _f("answer", "answer (loss on answer tokens only) or all tokens")
@@ -184,7 +197,10 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     log_every: int = _f(1, "log losses every N steps")
     resume: bool = _f(False, "continue from the newest checkpoint in output_dir at the exact step")
-    stop_at_step: int = _f(0, "end this run after N steps of the max_steps schedule, checkpointed (0 = run to max_steps); continue with resume=true, e.g. in time-limited cluster slots")
+    stop_at_step: int = _f(
+        0,
+        "end this run after N steps of the max_steps schedule, checkpointed (0 = run to max_steps); continue with resume=true, e.g. in time-limited cluster slots",
+    )
     seed: int = _f(42, "seed of data order and initialisation")
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
 
@@ -193,7 +209,15 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
             _positive("train", name, getattr(self, name))
         _positive("train", "lr", self.lr)
-        for name in ("warmup_steps", "eval_every", "valid_examples", "save_every", "grad_clip", "weight_decay", "stop_at_step"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "valid_examples",
+            "save_every",
+            "grad_clip",
+            "weight_decay",
+            "stop_at_step",
+        ):
             _positive("train", name, getattr(self, name), allow_zero=True)
 
 
@@ -206,7 +230,10 @@ class EvalConfig:
     max_examples: int = _f(64, "test examples scored (0 = the whole test split)")
     latency_batches: int = _f(4, "batches timed for latency and throughput")
     split: str = _f("test", "test or valid")
-    student_quantization: str = _f("teacher", "precision the student is served and measured in: teacher (same as teacher.quantization), none, nf4 or int8")
+    student_quantization: str = _f(
+        "teacher",
+        "precision the student is served and measured in: teacher (same as teacher.quantization), none, nf4 or int8",
+    )
 
     def __post_init__(self) -> None:
         _choice("eval", "split", self.split, ("test", "valid"))
@@ -227,7 +254,9 @@ class TrackingConfig:
     experiment: str = _f("layerwise_dist", "MLflow experiment name")
     run_name: str = _f("", "MLflow run name (default: derived from the config)")
     run_id: str = _f("", "resume this existing MLflow run instead of starting a new one")
-    artifact_root: str = _f("", "artifact folder of a new experiment (default: <results_dir>/mlartifacts beside the default store)")
+    artifact_root: str = _f(
+        "", "artifact folder of a new experiment (default: <results_dir>/mlartifacts beside the default store)"
+    )
 
     def __post_init__(self) -> None:
         if not self.experiment:
@@ -375,7 +404,10 @@ def _defaults() -> dict[str, Any]:
     for f in dataclasses.fields(RunConfig):
         t = typing.get_type_hints(RunConfig)[f.name]
         if dataclasses.is_dataclass(t):
-            out[f.name] = {g.name: (g.default if g.default is not dataclasses.MISSING else g.default_factory()) for g in dataclasses.fields(t)}
+            out[f.name] = {
+                g.name: (g.default if g.default is not dataclasses.MISSING else g.default_factory())
+                for g in dataclasses.fields(t)
+            }
         else:
             out[f.name] = f.default
     return out

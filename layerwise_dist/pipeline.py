@@ -96,7 +96,9 @@ def setup(cfg: RunConfig) -> Context:
 
 
 def _run_name(cfg: RunConfig) -> str:
-    return f"{Path(cfg.output_dir).name}-{cfg.student.num_layers}L-{cfg.student.selection}-{cfg.distill.layer_weighting}"
+    return (
+        f"{Path(cfg.output_dir).name}-{cfg.student.num_layers}L-{cfg.student.selection}-{cfg.distill.layer_weighting}"
+    )
 
 
 def _equal_shard(n: int, per_rank_multiple: int = 1) -> range:
@@ -137,7 +139,9 @@ def teacher_engine(ctx: Context, for_fisher: bool) -> Any:
 
 def describe_placement(model: torch.nn.Module) -> dict[str, Any]:
     """How the teacher is held on this rank: quantized modules, ZeRO-3 partitioning, local share."""
-    quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")})
+    quantized = sorted(
+        {type(m).__name__ for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+    )
     params = list(model.parameters())
     partitioned = bool(params) and all(hasattr(p, "ds_id") for p in params)
     full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
@@ -173,7 +177,9 @@ def run_fisher(ctx: Context) -> Any:
     n = min(cfg.fisher.num_examples, len(data))
     bs = cfg.fisher.batch_size
     mine = list(_equal_shard(n, bs))
-    batches = [collate([data[i] for i in mine[j : j + bs]], ctx.tokenizer.pad_token_id) for j in range(0, len(mine), bs)]
+    batches = [
+        collate([data[i] for i in mine[j : j + bs]], ctx.tokenizer.pad_token_id) for j in range(0, len(mine), bs)
+    ]
     t0 = time.perf_counter()
     profile = compute_fisher_profile(
         engine,
@@ -182,6 +188,7 @@ def run_fisher(ctx: Context) -> Any:
         labels=cfg.fisher.labels,
         seed=cfg.fisher.seed,
         model_id=cfg.teacher.model,
+        linear_method=cfg.fisher.linear_method,
         progress=True,
     )
     ctx.timings["fisher_s"] = time.perf_counter() - t0
@@ -230,7 +237,9 @@ def run_distill(ctx: Context, profile: Any = None) -> Path:
     student.config._attn_implementation = ctx_attn(cfg)
     weights = layer_weights(cfg.distill.layer_weighting, layer_map, scores, temperature=cfg.distill.weight_temperature)
     log.info("student: teacher layers %s, alignment weights %s", layer_map, [round(w, 4) for w in weights])
-    ctx.tracker.log_params({"resolved.student_layers": layer_map, "resolved.layer_weights": [round(w, 5) for w in weights]})
+    ctx.tracker.log_params(
+        {"resolved.student_layers": layer_map, "resolved.layer_weights": [round(w, 5) for w in weights]}
+    )
     if is_main():
         (ctx.out / "layer_weights.json").write_text(json.dumps({"layer_map": layer_map, "weights": weights}, indent=2))
 
@@ -238,9 +247,7 @@ def run_distill(ctx: Context, profile: Any = None) -> Path:
     # Raw decoder-layer outputs on both sides (HF puts the final norm's output last).
     expose_layer_outputs(student)
     expose_layer_outputs(teacher.module if hasattr(teacher, "module") else teacher)
-    loss_fn = DistillationLoss(
-        cfg.distill, weights, layer_map, student.config.hidden_size, _hidden_size(teacher_dir)
-    )
+    loss_fn = DistillationLoss(cfg.distill, weights, layer_map, student.config.hidden_size, _hidden_size(teacher_dir))
     train = ctx.examples("train")
     valid = ctx.examples("valid")
     if cfg.train.valid_examples:
@@ -299,7 +306,9 @@ def run_evaluate(ctx: Context, student_dir: Path | None = None, with_teacher: bo
     n = len(data)
     per_rank = -(-n // world_size())
     mine = list(range(rank() * per_rank, min(n, (rank() + 1) * per_rank)))
-    batches = [collate([data[i] for i in mine[j : j + bs]], ctx.tokenizer.pad_token_id) for j in range(0, len(mine), bs)]
+    batches = [
+        collate([data[i] for i in mine[j : j + bs]], ctx.tokenizer.pad_token_id) for j in range(0, len(mine), bs)
+    ]
     timed = batches[: cfg.eval.latency_batches + 1]  # one warm-up batch, then the timed ones
     warmup = 1 if len(timed) > 1 else 0
     results: dict[str, Any] = {"config": {"examples": n, "ranks": world_size(), "batch_size": bs}}
@@ -310,7 +319,9 @@ def run_evaluate(ctx: Context, student_dir: Path | None = None, with_teacher: bo
     if student_dir is not None:
         if not (Path(student_dir) / "config.json").exists():
             raise FileNotFoundError(f"no student model folder at {student_dir} (run the distill stage first)")
-        quant = cfg.teacher.quantization if cfg.eval.student_quantization == "teacher" else cfg.eval.student_quantization
+        quant = (
+            cfg.teacher.quantization if cfg.eval.student_quantization == "teacher" else cfg.eval.student_quantization
+        )
         served = type(cfg.teacher)(
             **{**cfg.teacher.__dict__, "model": str(student_dir), "quantization": quant, "placement": "replicate"}
         )

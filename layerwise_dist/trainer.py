@@ -92,7 +92,7 @@ def resolve_ds_config(path: str | Path, cfg: RunConfig, for_training: bool = Tru
         if given not in ("auto", value):
             raise ConfigError(
                 f"ds_config: {path} sets {key}={given} but the run config gives {value}; "
-                f"set it to \"auto\" in the JSON or change train.* (train_batch_size = micro_batch_size * grad_accum * world_size)"
+                f'set it to "auto" in the JSON or change train.* (train_batch_size = micro_batch_size * grad_accum * world_size)'
             )
         ds[key] = value
     bf16 = use_bf16(t.precision)
@@ -239,7 +239,9 @@ class DistillationRunner:
         t = self.cfg.train
         assert self.engine is not None, "call setup() first"
         self.engine.train()
-        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="distill", disable=not is_main(), dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps, initial=self.state.step, desc="distill", disable=not is_main(), dynamic_ncols=True
+        )
         start = time.perf_counter()
         end = min(t.max_steps, t.stop_at_step) if t.stop_at_step else t.max_steps
         while self.state.step < end:
@@ -260,7 +262,9 @@ class DistillationRunner:
             metrics["step"] = self.state.step
             self.state.history.append(metrics)
             if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
-                self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=self.state.step)
+                self.tracker.log_metrics(
+                    {f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=self.state.step
+                )
             bar.set_postfix(loss=f"{metrics.get('total', float('nan')):.4f}")
             bar.update(1)
             if t.eval_every and self.state.step % t.eval_every == 0 and self.valid_data is not None:
@@ -412,7 +416,11 @@ class DistillationTrainer:
         expose_layer_outputs(student_model)
         expose_layer_outputs(teacher_model)
         loss_fn = DistillationLoss(
-            self.cfg.distill, weights, self.layer_map, student_model.config.hidden_size, teacher_model.config.hidden_size
+            self.cfg.distill,
+            weights,
+            self.layer_map,
+            student_model.config.hidden_size,
+            teacher_model.config.hidden_size,
         )
         from .distributed import init_distributed
 

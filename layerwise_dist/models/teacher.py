@@ -234,7 +234,14 @@ def load_teacher(cfg: TeacherConfig, ds_config: dict[str, Any] | None = None):
     model.eval()
     model.requires_grad_(False)
     model.config.use_cache = False
-    log.info("teacher %s: %s, quantization=%s, placement=%s, attention=%s", cfg.model, folder, cfg.quantization, cfg.placement, attn)
+    log.info(
+        "teacher %s: %s, quantization=%s, placement=%s, attention=%s",
+        cfg.model,
+        folder,
+        cfg.quantization,
+        cfg.placement,
+        attn,
+    )
     return model
 
 
