@@ -113,3 +113,27 @@ def test_pipeline_cli_tracks_in_mlflow(tmp_path):
     assert len(client.get_metric_history(run.info.run_id, "train/total")) == 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "report.png", "fisher_profile.json", "config.yaml"} <= artifacts
+
+
+def test_non_finite_loss_stops_with_step_and_components(tmp_path):
+    """A diverging run stops at the step where the loss stops being finite, naming its components."""
+    run = tmp_path / "run"
+    out = run_deepspeed(
+        "launchers/distill.py",
+        [
+            "--preset",
+            "tiny",
+            "student.selection=uniform",
+            "distill.layer_weighting=linear",
+            "train.max_steps=6",
+            "train.warmup_steps=0",
+            "train.grad_clip=0",
+            "train.lr=1e12",
+            f"output_dir={run}",
+        ],
+    )
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if "error: TrainingDivergedError" in line]
+    assert errors, out.stderr[-3000:]
+    assert "non-finite loss at step" in errors[0] and "ce=" in errors[0] and "kd=" in errors[0]
+    assert "Traceback" not in out.stderr
