@@ -46,7 +46,7 @@ def get_logger(name: str = "layerwise_dist", all_ranks: bool | None = None) -> l
     if not getattr(logger, "_ld_configured", False):
         if all_ranks is None:
             all_ranks = os.environ.get("LD_LOG_ALL_RANKS", "0") == "1"
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(sys.stderr)  # stdout stays for results (tables, JSON)
         handler.setFormatter(logging.Formatter("[RANK %(rank)s] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         handler.addFilter(_RankFilter(all_ranks))
         logger.addHandler(handler)
