@@ -172,6 +172,11 @@ def run_fisher(ctx: Context) -> Any:
             raise FileNotFoundError(f"fisher.profile: {path} does not exist")
         log.info("using the Fisher profile in %s", path)
         return FisherProfile.load_json(path)
+    saved = ctx.out / "fisher_profile.json"
+    if cfg.train.resume and saved.is_file():
+        # A resumed run must rebuild the very student its checkpoint holds: same profile, same layers.
+        log.info("resume: reusing the Fisher profile of this run in %s", saved)
+        return FisherProfile.load_json(saved)
     engine = teacher_engine(ctx, for_fisher=True)
     data = ctx.examples("train")
     n = min(cfg.fisher.num_examples, len(data))
