@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--num-examples", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--nf4-model", default="", help="a saved tiny model folder to load 4-bit NF4 under ZeRO-3")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
@@ -72,12 +73,19 @@ def main() -> None:
 
     distributed.init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
-    model = tiny_llama(seed=0)
     ds_config = {
         "train_micro_batch_size_per_gpu": args.batch_size,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 10**9,
     }
+    if args.nf4_model:
+        from layerwise_dist.config import TeacherConfig
+        from layerwise_dist.models.teacher import load_teacher
+
+        # Built under HfDeepSpeedConfig: the packed 4-bit weights are partitioned as they load.
+        model = load_teacher(TeacherConfig(model=args.nf4_model, quantization="nf4", placement="zero3"), ds_config)
+    else:
+        model = tiny_llama(seed=0)
     engine = make_fisher_engine(model, ds_config)
     params = list(engine.module.parameters())
     partitioned = all(hasattr(p, "ds_numel") and p.numel() == 0 for p in params)
