@@ -57,35 +57,18 @@ def test_missing_ds_config(tmp_path):
     _one_line_error(out, "does not exist")
 
 
-def test_missing_model_path(tmp_path):
-    out = run_cli(
-        [
-            "fisher",
-            "--preset",
-            "tiny",
-            "--nproc",
-            "1",
-            f"teacher.model={tmp_path}/no_model",
-            f"output_dir={tmp_path}/run",
-        ]
-    )
-    _one_line_error(out, "ModelLoadError", "no_model")
-
-
-def test_unreadable_data_file(tmp_path):
-    out = run_cli(
-        [
-            "fisher",
-            "--preset",
-            "tiny",
-            "--nproc",
-            "1",
-            "data.source=amazon2023",
-            f"data.reviews={tmp_path}/All_Beauty.jsonl",
-            f"output_dir={tmp_path}/run",
-        ]
-    )
-    _one_line_error(out, "All_Beauty.jsonl")
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["teacher.model={tmp}/no_model"], ["ModelLoadError", "no_model"]),  # missing model path
+        (["data.source=amazon2023", "data.reviews={tmp}/All_Beauty.jsonl"], ["All_Beauty.jsonl"]),  # unreadable data
+    ],
+    ids=["missing-model", "unreadable-data"],
+)
+def test_bad_paths_in_one_process(tmp_path, overrides, needles):
+    args = [o.format(tmp=tmp_path) for o in overrides]
+    out = run_cli(["fisher", "--preset", "tiny", "--nproc", "1", *args, f"output_dir={tmp_path}/run"])
+    _one_line_error(out, *needles)
 
 
 def test_data_prepare_writes_splits(tmp_path):
