@@ -197,7 +197,13 @@ class DistillationRunner:
             raise RuntimeError(f"could not load the checkpoint named in {latest}")
         self.state.step = int(client["step"])
         self.state.history = list(client.get("history", []))
-        torch.set_rng_state(client["rng_cpu"][rank()] if isinstance(client["rng_cpu"], list) else client["rng_cpu"])
+        states = client.get("rng_cpu") or []
+        if len(states) == world_size():
+            torch.set_rng_state(states[rank()])
+        else:  # data order is still exact (a function of the step); only RNG-driven ops may differ
+            log.warning(
+                "checkpoint was written by %d ranks, this run has %d: RNG state not restored", len(states), world_size()
+            )
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ---------------------------------------------------------------- data

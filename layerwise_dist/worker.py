@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .config import help_text, load_config
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = argv[0]
     args = build_parser(command).parse_args(argv[1:])
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per collective:
+    # thousands of identical lines that bury the progress bars. Not ours to fix; keep the rest.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from .errors import KNOWN_ERRORS, one_line
 
     try:
