@@ -1,8 +1,8 @@
 """Does the 4-bit teacher rank layers like the full-precision one? (issue 4: Spearman >= 0.9 on SmolLM2, 64 examples)
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_fisher_quantized.py [--examples 64] [--preset default] [key=value ...]
+    OMP_NUM_THREADS=2 python benchmarks/bench_fisher_quantized.py [--examples 64] [--form parameter|activation] [--preset default] [key=value ...]
 
-Measures the parameter-form empirical Fisher profile of the same teacher loaded in
+Measures the empirical Fisher profile (parameter form by default) of the same teacher loaded in
 fp32 and in NF4 (bitsandbytes, double quantization) on the same training prompts,
 one process, and prints JSON: Spearman between the two profiles (and between each
 and Block Influence), top layers, depth shares, and the wall time of each pass.
@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--form", default="parameter", choices=["parameter", "activation"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -53,6 +54,7 @@ def main() -> None:
             {
                 "teacher": cfg.teacher.model,
                 "examples": len(data),
+                "form": args.form,
                 "spearman_fp32_vs_nf4": spearman(full.scores, nf4.scores),
                 "goal": 0.9,
                 "top5_fp32": full.top_layers(5),
