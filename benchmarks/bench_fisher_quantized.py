@@ -44,7 +44,7 @@ def main() -> None:
         model = load_teacher(teacher_cfg)
         start = time.perf_counter()
         profiles[quant] = compute_fisher_profile(
-            model, batches, form="parameter", labels="empirical", model_id=cfg.teacher.model
+            model, batches, form=args.form, labels="empirical", model_id=cfg.teacher.model
         )
         seconds[quant] = time.perf_counter() - start
         del model
