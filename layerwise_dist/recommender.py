@@ -88,10 +88,13 @@ class BaseRecommender:
     @staticmethod
     def _load(model_name: str, quantization: str, model: Any, tokenizer: Any) -> tuple[Any, Any]:
         from layerwise_dist.config import TeacherConfig
-        from layerwise_dist.models.teacher import load_teacher, load_tokenizer
+        from layerwise_dist.models.teacher import ModelLoadError, load_teacher, load_tokenizer
 
         cfg = TeacherConfig(model=model_name, quantization=quantization, placement="replicate")
-        return model or load_teacher(cfg), tokenizer or load_tokenizer(cfg)
+        try:
+            return model or load_teacher(cfg), tokenizer or load_tokenizer(cfg)
+        except ModelLoadError as e:  # the loader speaks of teacher.model; here it is the served model
+            raise ModelLoadError(str(e).replace("teacher.model: ", "model: ", 1)) from None
 
     @property
     def data(self) -> dict[str, SplitData]:
