@@ -145,12 +145,18 @@ QUANTIZATIONS = {
 }
 
 
+@pytest.mark.parametrize("after_forward", [False, True], ids=["fresh", "after_forward"])
 @pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
-def test_student_from_quantized_teacher(teacher, tmp_path, input_ids, quantization):
+def test_student_from_quantized_teacher(teacher, tmp_path, input_ids, quantization, after_forward):
     quant, linear_cls, tolerance = QUANTIZATIONS[quantization]
     teacher.save_pretrained(tmp_path)
     q_teacher = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32)
     assert type(q_teacher.model.layers[1].mlp.up_proj).__name__ == linear_cls
+    if after_forward:
+        # The pipeline builds the student after the Fisher pass has run the teacher; bitsandbytes'
+        # LLM.int8 moves the row scales from weight.SCB to module.state.SCB on the first forward.
+        with torch.no_grad():
+            q_teacher(input_ids)
     student, layer_map = build_student(q_teacher, [1, 3])
     assert layer_map == [1, 3] and not hasattr(student.config, "quantization_config")
     for name, module in student.named_modules():

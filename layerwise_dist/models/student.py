@@ -134,9 +134,18 @@ def _dequantized(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Te
             return tensor.detach().to(torch.float32).clone()
         return bnbf.dequantize_4bit(tensor.data, quant_state).to(torch.float32)
     if name == "weight" and type(module).__name__ == "Linear8bitLt":
-        scb = getattr(tensor, "SCB", None)
-        if tensor.dtype != torch.int8 or scb is None:
+        if tensor.dtype != torch.int8:  # fp16 weights kept (has_fp16_weights) or not yet quantized
             return tensor.detach().to(torch.float32).clone()
+        # The row scales live on the weight until the first forward, then bitsandbytes moves them
+        # to module.state.SCB (and clears weight.SCB).
+        scb = getattr(tensor, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        if scb is None:
+            raise StudentError(
+                f"cannot dequantize {type(module).__name__}.{name}: int8 weight without row scales (SCB) "
+                "on the weight or in module.state"
+            )
         # LLM.int8 row-wise absmax quantization: W = CB * SCB / 127.
         return tensor.data.to(torch.float32) * scb.to(torch.float32).unsqueeze(1) / 127.0
     if tensor.dtype == torch.uint8 and type(module).__name__.startswith("Linear"):
