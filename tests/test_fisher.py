@@ -21,6 +21,7 @@ from layerwise_dist.fisher import (
     decoder_layers,
     linear_method,
 )
+from layerwise_dist.fisher.hooks import block_gram, block_gram_inner, gram_chunks
 from layerwise_dist.models.tiny import tiny_llama
 
 ATTENTION_PREFIXES = ("self_attn.", "input_layernorm.")
@@ -109,8 +110,10 @@ def _close(actual, expected, rtol):
 @pytest.mark.parametrize("labels", ["empirical", "sampled"])
 def test_parameter_form_equals_brute_force(model, batches, labels):
     expected = brute_parameter(tiny_llama(seed=0), batches, labels=labels, seed=7)
-    for method in ("gram", "explicit"):
-        prof = compute_fisher_profile(model, batches, "parameter", labels, seed=7, progress=False, linear_method=method)
+    for method, chunk in (("gram", 96), ("gram", 3), ("explicit", 96), ("auto", 5)):
+        prof = compute_fisher_profile(
+            model, batches, "parameter", labels, seed=7, progress=False, linear_method=method, gram_chunk=chunk
+        )
         _close(prof.scores, expected.sum(1), 1e-4)
         _close(prof.module_scores["attention"], expected[:, 0], 1e-4)
         _close(prof.module_scores["mlp"], expected[:, 1], 1e-4)
@@ -186,6 +189,25 @@ def test_linear_method_choice_by_cost():
     assert linear_method(8, 4096, 4096) == "gram"
     assert linear_method(2048, 64, 64) == "explicit"
     assert linear_method(2048, 64, 64, "gram") == "gram"
+    # SmolLM2's q_proj at 384 tokens: the full Gram (384 * 1152) costs more than G^T X (576 * 576);
+    # its lower block triangle in 4 chunks (5/8 of it) costs less, and k/v reuse q's input Gram.
+    assert linear_method(384, 576, 576) == "explicit"
+    assert linear_method(384, 576, 576, chunks=4) == "gram"
+    assert linear_method(384, 576, 192, chunks=4) == "explicit"
+    assert linear_method(384, 576, 192, input_gram_shared=True, chunks=4) == "gram"
+
+
+@pytest.mark.parametrize("tokens,chunk", [(1, 96), (7, 3), (10, 4), (96, 96), (97, 96), (384, 96), (1000, 96)])
+def test_block_triangular_gram_inner_product_equals_full(tokens, chunk):
+    gen = torch.Generator().manual_seed(tokens)
+    a = torch.randn(2, tokens, 5, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, tokens, 3, generator=gen, dtype=torch.float64)
+    chunks = gram_chunks(tokens, chunk)
+    assert chunks[0][0] == 0 and chunks[-1][1] == tokens and len(chunks) <= 8
+    assert all(e0 == s1 for (_, e0), (s1, _) in zip(chunks, chunks[1:]))
+    full = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum()
+    got = block_gram_inner(block_gram(a, chunks), block_gram(b, chunks), chunks)
+    torch.testing.assert_close(got, full, rtol=1e-12, atol=0)
 
 
 def test_profile_views_and_json(tmp_path):

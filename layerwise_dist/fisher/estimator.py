@@ -11,7 +11,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from layerwise_dist import distributed as dist_utils
-from layerwise_dist.fisher.hooks import GROUPS, FisherHooks
+from layerwise_dist.fisher.hooks import GRAM_CHUNK, GROUPS, FisherHooks
 from layerwise_dist.fisher.profile import FisherProfile, normalize
 from layerwise_dist.fisher.targets import IGNORE_INDEX, answer_log_probs
 
@@ -101,6 +101,7 @@ def compute_fisher_profile(
     model_id: str = "",
     progress: bool = True,
     linear_method: str = "auto",
+    gram_chunk: int = GRAM_CHUNK,
 ) -> FisherProfile:
     """Layerwise Fisher profile of ``model`` on ``batches`` (this rank's share), reduced over all ranks.
 
@@ -133,7 +134,7 @@ def compute_fisher_profile(
         _frozen(net, active=own_backward),
         _eval_mode(net),
         input_requires_grad(net),
-        FisherHooks(layers, form, linear_method) as hooks,
+        FisherHooks(layers, form, linear_method, gram_chunk) as hooks,
         torch.enable_grad(),
     ):
         for batch in bar:

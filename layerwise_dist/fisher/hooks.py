@@ -5,8 +5,12 @@ backward of sum_n log p(y_n | x_n) hands each hook the per-example output gradie
 ``g`` of every module. Weight gradients are never formed by autograd:
 
 * linear ``y = W x (+ b)``: the per-example weight gradient is ``dW_n = G_n^T X_n`` and
-  ``||dW_n||_F^2 = sum_{t,t'} (g_t . g_t') (x_t . x_t')`` (Gram form). Which of the two is
-  computed is chosen by cost: Gram ``T^2 (in + out)`` vs explicit ``T in out``.
+  ``||dW_n||_F^2 = sum_{t,t'} (g_t . g_t') (x_t . x_t')`` (Gram form). Both Gram matrices are
+  symmetric, so only their lower block triangle is formed (row chunks of the sequence
+  against all earlier tokens; off-diagonal blocks count twice): ``T^2 d (k+1)/(2k)`` for
+  ``k`` chunks instead of ``T^2 d``. Linears fed by the same input (q/k/v, gate/up) share
+  one input Gram. Which form is computed is chosen per linear by cost: Gram
+  ``T^2 ((in, unless shared) + out) (k+1)/(2k)`` vs explicit ``T in out``.
   This works for bitsandbytes ``Linear4bit``/``Linear8bitLt`` (the gradient is w.r.t. the
   dequantized weight) and for ZeRO-3 partitioned weights (never touched here).
 * RMSNorm ``y = w * xhat``: ``dw_n = sum_t g_t * xhat_t`` with xhat recomputed in fp32
@@ -56,11 +60,42 @@ def _output_tensor(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[index]
 
 
-def linear_method(tokens: int, fan_in: int, fan_out: int, method: str = "auto") -> str:
-    """Gram form costs T^2 (in + out) per example, explicit G^T X costs T in out."""
+GRAM_CHUNK = 96  # tokens per row chunk of the block-triangular Gram products
+GRAM_MAX_CHUNKS = 8
+
+
+def gram_chunks(tokens: int, chunk: int = GRAM_CHUNK) -> list[tuple[int, int]]:
+    """Row chunks ``[(start, end), ...]`` covering ``range(tokens)``: at most GRAM_MAX_CHUNKS, about ``chunk`` long."""
+    k = max(1, min(GRAM_MAX_CHUNKS, -(-tokens // max(1, chunk))))
+    bounds = [round(i * tokens / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
+
+
+def linear_method(
+    tokens: int, fan_in: int, fan_out: int, method: str = "auto", input_gram_shared: bool = False, chunks: int = 1
+) -> str:
+    """Per example, Gram form costs T^2 ((in, unless its input Gram is already computed) + out) (k+1)/(2k)
+    for k row chunks; explicit G^T X costs T in out."""
     if method != "auto":
         return method
-    return "gram" if tokens * (fan_in + fan_out) < fan_in * fan_out else "explicit"
+    gram = tokens * ((0 if input_gram_shared else fan_in) + fan_out) * (chunks + 1) / (2 * chunks)
+    return "gram" if gram < fan_in * fan_out else "explicit"
+
+
+def block_gram(m: torch.Tensor, chunks: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Lower block triangle of ``m m^T`` per example: for row chunk ``(s, e)``, ``m[:, s:e] @ m[:, :e]^T``."""
+    return [torch.bmm(m[:, s:e], m[:, :e].transpose(1, 2)) for s, e in chunks]
+
+
+def block_gram_inner(a: list[torch.Tensor], b: list[torch.Tensor], chunks: list[tuple[int, int]]) -> torch.Tensor:
+    """``sum(A * B)`` of two symmetric matrices given as :func:`block_gram` lower block triangles."""
+    total = a[0].new_zeros(())
+    for (s, _), ai, bi in zip(chunks, a, b):
+        prod = ai * bi
+        total = total + prod[:, :, s:].sum()
+        if s:
+            total = total + 2.0 * prod[:, :, :s].sum()
+    return total
 
 
 class FisherHooks:
@@ -72,7 +107,9 @@ class FisherHooks:
     angular(L) | tokens]``; Fisher terms are summed over examples, controls over real tokens.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], form: str, linear: str = "auto") -> None:
+    def __init__(
+        self, layers: Sequence[nn.Module], form: str, linear: str = "auto", gram_chunk: int = GRAM_CHUNK
+    ) -> None:
         if form not in ("parameter", "activation"):
             raise ValueError(f"form must be parameter or activation; got {form!r}")
         if linear not in LINEAR_METHODS:
@@ -80,13 +117,17 @@ class FisherHooks:
         self.layers = list(layers)
         self.form = form
         self.linear = linear
+        if gram_chunk < 1:
+            raise ValueError(f"gram_chunk must be >= 1; got {gram_chunk}")
+        self.gram_chunk = gram_chunk
         self.num_layers = len(self.layers)
         self._handles: list = []
         self._mask: torch.Tensor | None = None
         self._fisher: list[tuple[int, int, torch.Tensor]] = []  # (layer, group, scalar)
         self._controls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self._gram_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gram_cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.methods_used: set[str] = set()
+        self.linear_methods: dict[str, str] = {}  # layer-relative module name -> method of the last batch
 
     # -- registration -------------------------------------------------------------------------
     def __enter__(self) -> FisherHooks:
@@ -107,7 +148,7 @@ class FisherHooks:
         for name, mod in layer.named_modules():
             own = list(mod.parameters(recurse=False))
             if isinstance(mod, nn.Linear):
-                self._handles.append(mod.register_forward_hook(self._linear_hook(idx, module_group(name), mod)))
+                self._handles.append(mod.register_forward_hook(self._linear_hook(idx, name, mod)))
             elif is_norm(mod) and own:
                 self._handles.append(mod.register_forward_hook(self._norm_hook(idx, module_group(name), mod)))
             elif own:
@@ -173,7 +214,8 @@ class FisherHooks:
 
         return hook
 
-    def _linear_hook(self, idx: int, group: int, mod: nn.Linear):
+    def _linear_hook(self, idx: int, name: str, mod: nn.Linear):
+        group = module_group(name)
         has_bias = getattr(mod, "bias", None) is not None
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -183,17 +225,19 @@ class FisherHooks:
             x = args[0]
             bsz, fan_in, fan_out = x.shape[0], x.shape[-1], out.shape[-1]
             tokens = x.numel() // (bsz * fan_in)
-            method = linear_method(tokens, fan_in, fan_out, self.linear)
+            chunks = gram_chunks(tokens, self.gram_chunk)
+            shared = self._cached_input_gram(x) is not None
+            method = linear_method(tokens, fan_in, fan_out, self.linear, shared, len(chunks))
             self.methods_used.add(method)
+            self.linear_methods[name] = method
             if method == "gram":
-                kx = self._input_gram(x)
+                kx = self._input_gram(x, chunks)
                 if has_bias:
-                    kx = kx + 1.0  # the bias is a weight column fed by a constant 1
+                    kx = [k + 1.0 for k in kx]  # the bias is a weight column fed by a constant 1
 
                 def grad_hook(g: torch.Tensor) -> None:
                     gm = g.detach().reshape(bsz, -1, fan_out).float()
-                    kg = torch.bmm(gm, gm.transpose(1, 2))
-                    self._fisher.append((idx, group, (kg * kx).sum()))
+                    self._fisher.append((idx, group, block_gram_inner(block_gram(gm, chunks), kx, chunks)))
 
             else:
                 xd = x.detach()
@@ -210,23 +254,29 @@ class FisherHooks:
 
         return hook
 
-    def _input_gram(self, x: torch.Tensor) -> torch.Tensor:
-        """X_n X_n^T per example [B, T, T] in fp32; q/k/v (and gate/up) share one input, hence one Gram."""
+    def _cached_input_gram(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         cached = self._gram_cache
-        if cached is not None:
-            prev, kx = cached
-            # `prev` is kept alive, so an equal data_ptr with equal layout and version is the same tensor.
-            if prev is x or (
-                prev.data_ptr() == x.data_ptr()
-                and prev.shape == x.shape
-                and prev.stride() == x.stride()
-                and prev.dtype == x.dtype
-                and prev._version == x._version
-            ):
-                return kx
+        if cached is None:
+            return None
+        prev, kx = cached
+        # `prev` is kept alive, so an equal data_ptr with equal layout and version is the same tensor.
+        if prev is x or (
+            prev.data_ptr() == x.data_ptr()
+            and prev.shape == x.shape
+            and prev.stride() == x.stride()
+            and prev.dtype == x.dtype
+            and prev._version == x._version
+        ):
+            return kx
+        return None
+
+    def _input_gram(self, x: torch.Tensor, chunks: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Block-triangular X_n X_n^T per example in fp32; q/k/v (and gate/up) share one input, hence one Gram."""
+        kx = self._cached_input_gram(x)
+        if kx is not None:
+            return kx
         xd = x.detach()
-        xm = xd.reshape(xd.shape[0], -1, xd.shape[-1]).float()
-        kx = torch.bmm(xm, xm.transpose(1, 2))
+        kx = block_gram(xd.reshape(xd.shape[0], -1, xd.shape[-1]).float(), chunks)
         self._gram_cache = (xd, kx)
         return kx
 
