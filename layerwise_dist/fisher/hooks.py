@@ -226,12 +226,12 @@ class FisherHooks:
             bsz, fan_in, fan_out = x.shape[0], x.shape[-1], out.shape[-1]
             tokens = x.numel() // (bsz * fan_in)
             chunks = gram_chunks(tokens, self.gram_chunk)
-            shared = self._cached_input_gram(x) is not None
-            method = linear_method(tokens, fan_in, fan_out, self.linear, shared, len(chunks))
+            cached = self._cached_input_gram(x)
+            method = linear_method(tokens, fan_in, fan_out, self.linear, cached is not None, len(chunks))
             self.methods_used.add(method)
             self.linear_methods[name] = method
             if method == "gram":
-                kx = self._input_gram(x, chunks)
+                kx = cached if cached is not None else self._input_gram(x, chunks)
                 if has_bias:
                     kx = [k + 1.0 for k in kx]  # the bias is a weight column fed by a constant 1
 
@@ -271,10 +271,8 @@ class FisherHooks:
         return None
 
     def _input_gram(self, x: torch.Tensor, chunks: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Block-triangular X_n X_n^T per example in fp32; q/k/v (and gate/up) share one input, hence one Gram."""
-        kx = self._cached_input_gram(x)
-        if kx is not None:
-            return kx
+        """Block-triangular X_n X_n^T per example in fp32, kept for the next linear fed the same input
+        (q/k/v and gate/up share one input, hence one Gram)."""
         xd = x.detach()
         kx = block_gram(xd.reshape(xd.shape[0], -1, xd.shape[-1]).float(), chunks)
         self._gram_cache = (xd, kx)
