@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from layerwise_dist import distributed
+from layerwise_dist.models.util import model_device
 
 QUALITY_PREFIXES = ("hr@", "ndcg@", "mrr")
 LATENCY_KEY = "latency_ms_per_example_median"
@@ -127,14 +128,8 @@ def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] 
     return _metrics_from_sums(_metric_sums(scores, targets, ks), ks)
 
 
-def _model_device(model: Any) -> torch.device:
-    dev = getattr(model, "device", None)  # HF PreTrainedModel and DeepSpeedEngine both have one
-    if isinstance(dev, torch.device):
-        return dev
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
+# recommender.py imports the helper under its old private name.
+_model_device = model_device
 
 
 def _prompt_only(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +158,7 @@ def _logits(output: Any) -> torch.Tensor:
 
 def forward_scores(model: Any, batch: Mapping[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """Candidate scores [B, C] of one batch (no grad; the caller sets eval mode)."""
-    device = device or _model_device(model)
+    device = device or model_device(model)
     ids, mask = _prompt_only(batch, device)
     with torch.no_grad():
         logits = _logits(model(input_ids=ids, attention_mask=mask))
@@ -188,7 +183,7 @@ def evaluate_model(
     the same number of batches, or the ranks hang.
     """
     ks = _check_ks(ks)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = getattr(model, "training", False)
     model.eval()
     sums = torch.zeros(2 * len(ks) + 2, dtype=torch.float64)
@@ -293,7 +288,7 @@ def measure_cost(
         raise ValueError(f"warmup must be >= 0; got {warmup}")
     if len(batches) <= warmup:
         raise ValueError(f"measure_cost needs more than warmup={warmup} batches; got {len(batches)}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = getattr(model, "training", False)
     model.eval()
     unavailable: dict[str, str] = {}

@@ -14,6 +14,7 @@ Conventions (torchtune ``kd_losses`` style):
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from layerwise_dist.config import DistillConfig
-
-IGNORE_INDEX = -100
+from layerwise_dist.config import AlignLoss, DistillConfig, KDLoss, KDMask
+from layerwise_dist.data.tokenize import IGNORE_INDEX
+from layerwise_dist.models.student import StudentError, validate_layer_map
 
 
 class LossInputError(ValueError):
@@ -44,7 +45,7 @@ def token_mask(batch: Mapping[str, torch.Tensor], mode: str, ignore_index: int =
         return shifted_label_mask(batch["labels"], ignore_index)
     if mode == "all":
         return batch["attention_mask"].bool()
-    raise LossInputError(f"mask must be 'answer' or 'all'; got {mode!r}")
+    raise LossInputError(f"mask must be one of {', '.join(typing.get_args(KDMask))}; got {mode!r}")
 
 
 def _kl_per_token(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -102,43 +103,51 @@ class TaskCrossEntropy(nn.Module):
         return total / count.to(total.dtype)
 
 
-class ForwardKLLoss(nn.Module):
-    """Forward KL (Hinton et al. 2015, eq. 2 with the T^2 gradient rescaling).
+def _check_temperature(temperature: float) -> float:
+    if temperature <= 0:
+        raise LossInputError(f"temperature must be > 0; got {temperature}")
+    return float(temperature)
 
-    ``L = T^2 * (1/N) sum_{kept (b,t)} KL(p_T || p_S)``, with ``p_T = softmax(z_T / T)``,
-    ``p_S = softmax(z_S / T)`` over the vocabulary, ``KL(p || q) = sum_v p_v (log p_v - log q_v)``.
 
-    Shapes: ``student_logits``, ``teacher_logits`` [B, T, V]; ``mask`` [B, T] bool (kept positions).
-    Mean-seeking: the student covers all teacher modes. Identical logits -> 0; nothing kept -> 0.
+class KLDivergenceLoss(nn.Module):
+    """Tempered KL between teacher and student token distributions, with the T^2 gradient rescaling.
+
+    ``L = T^2 * (1/N) sum_{kept (b,t)} KL(p || q)``, with ``p_T = softmax(z_T / T)``, ``p_S = softmax(z_S / T)``
+    over the vocabulary and ``KL(p || q) = sum_v p_v (log p_v - log q_v)``:
+
+    - ``direction="forward"``: ``KL(p_T || p_S)`` (Hinton et al. 2015, eq. 2): mean-seeking, the student
+      covers all teacher modes;
+    - ``direction="reverse"``: ``KL(p_S || p_T)`` (MiniLLM, Gu et al. 2024): mode-seeking.
+
+    Both take ``(student_logits, teacher_logits, mask)``. Shapes: logits [B, T, V]; ``mask`` [B, T] bool
+    (kept positions). Identical logits -> 0; nothing kept -> 0.
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, direction: str = "forward") -> None:
         super().__init__()
-        if temperature <= 0:
-            raise LossInputError(f"temperature must be > 0; got {temperature}")
-        self.temperature = float(temperature)
+        if direction not in ("forward", "reverse"):
+            raise LossInputError(f"KL direction must be 'forward' or 'reverse'; got {direction!r}")
+        self.temperature = _check_temperature(temperature)
+        self.direction = direction
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         log_s, log_t = _kept_log_probs(student_logits, teacher_logits, mask, self.temperature)
-        return self.temperature**2 * _mean_over_kept(_kl_per_token(log_t, log_s))
+        log_p, log_q = (log_t, log_s) if self.direction == "forward" else (log_s, log_t)
+        return self.temperature**2 * _mean_over_kept(_kl_per_token(log_p, log_q))
 
 
-class ReverseKLLoss(nn.Module):
-    """Reverse KL (MiniLLM, Gu et al. 2024): mode-seeking.
-
-    ``L = T^2 * (1/N) sum_{kept (b,t)} KL(p_S || p_T)`` with the same tempered softmaxes and T^2 scaling as
-    :class:`ForwardKLLoss`. Shapes and masking as there.
-    """
+class ForwardKLLoss(KLDivergenceLoss):
+    """Forward KL ``KL(p_T || p_S)``: :class:`KLDivergenceLoss` with ``direction="forward"``."""
 
     def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise LossInputError(f"temperature must be > 0; got {temperature}")
-        self.temperature = float(temperature)
+        super().__init__(temperature, "forward")
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        log_s, log_t = _kept_log_probs(student_logits, teacher_logits, mask, self.temperature)
-        return self.temperature**2 * _mean_over_kept(_kl_per_token(log_s, log_t))
+
+class ReverseKLLoss(KLDivergenceLoss):
+    """Reverse KL ``KL(p_S || p_T)``: :class:`KLDivergenceLoss` with ``direction="reverse"``."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__(temperature, "reverse")
 
 
 class JSDLoss(nn.Module):
@@ -149,7 +158,7 @@ class JSDLoss(nn.Module):
     points, so (as TRL) ``beta = 0`` is the forward KL ``KL(p_T || p_S)`` and ``beta = 1`` the reverse KL
     ``KL(p_S || p_T)`` (the limits of the mode-covering / mode-seeking behaviour, up to scale).
 
-    Tempered softmaxes and T^2 scaling as :class:`ForwardKLLoss`; ``log m`` via logsumexp for stability.
+    Tempered softmaxes and T^2 scaling as :class:`KLDivergenceLoss`; ``log m`` via logsumexp for stability.
     Shapes: logits [B, T, V], ``mask`` [B, T] bool. Identical logits -> 0; nothing kept -> 0.
     """
 
@@ -157,10 +166,8 @@ class JSDLoss(nn.Module):
         super().__init__()
         if not 0.0 <= beta <= 1.0:
             raise LossInputError(f"beta must be in [0, 1]; got {beta}")
-        if temperature <= 0:
-            raise LossInputError(f"temperature must be > 0; got {temperature}")
         self.beta = float(beta)
-        self.temperature = float(temperature)
+        self.temperature = _check_temperature(temperature)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         log_s, log_t = _kept_log_probs(student_logits, teacher_logits, mask, self.temperature)
@@ -194,8 +201,8 @@ class HiddenAlignmentLoss(nn.Module):
 
     def __init__(self, kind: str = "mse", student_dim: int | None = None, teacher_dim: int | None = None) -> None:
         super().__init__()
-        if kind not in ("mse", "nmse", "cosine"):
-            raise LossInputError(f"alignment kind must be 'mse', 'nmse' or 'cosine'; got {kind!r}")
+        if kind not in typing.get_args(AlignLoss):
+            raise LossInputError(f"alignment kind must be one of {', '.join(typing.get_args(AlignLoss))}; got {kind!r}")
         self.kind = kind
         self.student_dim = student_dim
         self.teacher_dim = teacher_dim
@@ -278,18 +285,25 @@ def _post_norm_last(out: Any) -> bool:
     return isinstance(out, ModelOutput) and not getattr(out, "raw_layer_outputs", False)
 
 
-KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+KD_LOSSES = typing.get_args(KDLoss)
 
 
 def kd_loss_from_config(cfg: DistillConfig) -> nn.Module:
     """The logit KD module named by ``cfg.kd_loss`` at ``cfg.temperature`` (and ``cfg.jsd_beta``)."""
-    if cfg.kd_loss == "forward_kl":
-        return ForwardKLLoss(cfg.temperature)
-    if cfg.kd_loss == "reverse_kl":
-        return ReverseKLLoss(cfg.temperature)
+    directions = {"forward_kl": "forward", "reverse_kl": "reverse"}
+    if cfg.kd_loss in directions:
+        return KLDivergenceLoss(cfg.temperature, directions[cfg.kd_loss])
     if cfg.kd_loss == "jsd":
         return JSDLoss(cfg.jsd_beta, cfg.temperature)
     raise LossInputError(f"distill.kd_loss must be one of {', '.join(KD_LOSSES)}; got {cfg.kd_loss!r}")
+
+
+def _checked_layer_map(layer_map: list[int], num_student: int, num_teacher: int | None = None) -> list[int]:
+    """:func:`layerwise_dist.models.student.validate_layer_map`, failing with :class:`LossInputError`."""
+    try:
+        return validate_layer_map(layer_map, num_student, num_teacher)
+    except StudentError as err:
+        raise LossInputError(str(err)) from err
 
 
 class DistillationLoss(nn.Module):
@@ -328,11 +342,9 @@ class DistillationLoss(nn.Module):
             )
         if any(not math.isfinite(w) or w < 0 for w in layer_weights):
             raise LossInputError(f"layer weights must be finite and non-negative; got {list(layer_weights)}")
-        if any(int(t) < 0 for t in layer_map):
-            raise LossInputError(f"layer_map holds a negative teacher layer: {list(layer_map)}")
         self.cfg = cfg
         self.layer_weights = [float(w) for w in layer_weights]
-        self.layer_map = [int(t) for t in layer_map]
+        self.layer_map = _checked_layer_map([int(t) for t in layer_map], len(layer_map))
         self.ce = TaskCrossEntropy()
         self.kd = kd_loss_from_config(cfg)
         self.align = nn.ModuleList(
@@ -367,10 +379,7 @@ class DistillationLoss(nn.Module):
             raise LossInputError("hidden-state alignment needs output_hidden_states=True on student and teacher")
         # With align_weight 0 the per-layer terms are still logged when the hidden states are there.
         if self.layer_map and s_hidden is not None and t_hidden is not None:
-            if len(s_hidden) - 1 != len(self.layer_map):
-                raise LossInputError(f"student has {len(s_hidden) - 1} layers but layer_map maps {len(self.layer_map)}")
-            if max(self.layer_map) >= len(t_hidden) - 1:
-                raise LossInputError(f"layer_map {self.layer_map} points past the teacher's {len(t_hidden) - 1} layers")
+            _checked_layer_map(self.layer_map, len(s_hidden) - 1, len(t_hidden) - 1)
             last_s, last_t = len(s_hidden) - 2, len(t_hidden) - 2
             normed_s, normed_t = _post_norm_last(student_out), _post_norm_last(teacher_out)
             for i, t_layer in enumerate(self.layer_map):

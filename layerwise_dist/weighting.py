@@ -85,16 +85,29 @@ def available_weightings() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def normalize(weights: Sequence[float]) -> list[float]:
-    """Non-negative, finite weights scaled to sum to 1 (the old project's ``normalize`` step)."""
+def normalize(weights: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """Weights proportional to ``w^(1/temperature)``, summing to 1 (the old project's ``normalize`` step).
+
+    The one normalisation of the package: layer weights here, and Fisher scores
+    (:meth:`~layerwise_dist.fisher.FisherProfile.normalized`,
+    :meth:`~layerwise_dist.fisher.FisherInformationCalculator.normalize`). ``temperature < 1`` sharpens,
+    ``> 1`` flattens. Empty, negative, non-finite or all-zero weights raise :class:`WeightingError`: a
+    profile of zeros means the Fisher pass (or a strategy) is broken, and no weighting follows from it.
+    """
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise WeightingError(f"temperature must be finite and > 0; got {temperature}")
     values = [float(w) for w in weights]
     if not values:
         raise WeightingError("no weights to normalise (empty layer map)")
     if any(not math.isfinite(w) or w < 0 for w in values):
         raise WeightingError(f"layer weights must be finite and non-negative; got {values}")
-    total = sum(values)
-    if total <= 0:
+    top = max(values)
+    if top <= 0:
         raise WeightingError(f"layer weights are all zero; cannot normalise {values}")
+    if temperature != 1.0:
+        # Scaled by the maximum first: w^(1/T) neither overflows nor underflows to all-zero for small T.
+        values = [(w / top) ** (1.0 / temperature) for w in values]
+    total = sum(values)
     return [w / total for w in values]
 
 
@@ -119,23 +132,23 @@ class FisherWeighting(LayerwiseDistillation):
     """``w_l ~ s_{map(l)}^(1/T)``: the Fisher scores of the mapped teacher layers, tempered."""
 
     def calculate_layer_weights(self) -> list[float]:
+        from layerwise_dist.models.student import StudentError, validate_layer_map  # transformers: loaded on use
+
         if self.fisher_scores is None:
             raise WeightingError("layer_weighting=fisher needs Fisher scores: run the Fisher pass or give a profile")
-        if self.temperature <= 0:
-            raise WeightingError(f"fisher weighting temperature must be > 0; got {self.temperature}")
         scores = self.fisher_scores
         if any(not math.isfinite(s) or s < 0 for s in scores):
             raise WeightingError(f"Fisher scores must be finite and non-negative; got {scores}")
-        if self.layer_map and max(self.layer_map) >= len(scores):
+        try:
+            validate_layer_map(self.layer_map, self.num_layers, len(scores))
+        except StudentError as err:
             raise WeightingError(
-                f"layer_map {self.layer_map} points past the {len(scores)} teacher layers of the Fisher profile"
-            )
-        mapped = torch.tensor([scores[t] for t in self.layer_map], dtype=torch.float64)
-        if not bool((mapped > 0).any()):
+                f"{err}: a map past the {len(scores)} teacher layers of the Fisher profile has no score to weight"
+            ) from err
+        mapped = [scores[t] for t in self.layer_map]
+        if not any(s > 0 for s in mapped):
             raise WeightingError(f"the mapped teacher layers {self.layer_map} all have Fisher score 0")
-        # Log space: s^(1/T) overflows or underflows for small T; zero scores stay exactly zero.
-        logits = mapped.log() / self.temperature
-        return torch.exp(logits - logits.max()).tolist()
+        return normalize(mapped, self.temperature)
 
 
 def layer_weights(

@@ -22,7 +22,10 @@ CASES = (("parameter", "empirical"), ("parameter", "sampled"), ("activation", "e
 
 
 def make_examples(num_examples: int, vocab: int = 256, seed: int = 0, num_candidates: int = 4) -> list[dict]:
-    """Random prompts of varied length; the answer letter is the last token (two for every third example)."""
+    """Random prompts of varied length; the answer letter is the last token (two for every third example).
+
+    Rows as ``layerwise_dist.data.tokenize_examples`` writes them (lists of ints), for ``data.collate``.
+    """
     gen = torch.Generator().manual_seed(seed)
     examples = []
     for n in range(num_examples):
@@ -39,21 +42,22 @@ def make_examples(num_examples: int, vocab: int = 256, seed: int = 0, num_candid
             answer_pos = length - 3
         examples.append(
             {
-                "input_ids": ids,
-                "labels": labels,
+                "input_ids": ids.tolist(),
+                "attention_mask": [1] * length,
+                "labels": labels.tolist(),
                 "answer_pos": answer_pos,
                 "target_index": target,
-                "candidate_token_ids": candidates,
+                "candidate_token_ids": candidates.tolist(),
             }
         )
     return examples
 
 
 def make_batches(num_examples: int, batch_size: int, seed: int = 0, vocab: int = 256) -> list[dict]:
-    from layerwise_dist.fisher import collate_examples
+    from layerwise_dist.data import collate
 
     ex = make_examples(num_examples, vocab=vocab, seed=seed)
-    return [collate_examples(ex[i : i + batch_size]) for i in range(0, len(ex), batch_size)]
+    return [collate(ex[i : i + batch_size], 0) for i in range(0, len(ex), batch_size)]
 
 
 def main() -> None:
@@ -68,7 +72,8 @@ def main() -> None:
     import torch._dynamo  # noqa: F401  (before any deepspeed.zero.Init)
 
     from layerwise_dist import distributed
-    from layerwise_dist.fisher import collate_examples, compute_fisher_profile, make_fisher_engine
+    from layerwise_dist.data import collate
+    from layerwise_dist.fisher import compute_fisher_profile, make_fisher_engine
     from layerwise_dist.models.tiny import tiny_llama
 
     distributed.init_distributed()
@@ -96,7 +101,7 @@ def main() -> None:
 
     # The same examples on every rank; rank r takes r::world (equal batch counts: ZeRO-3 gathers collectively).
     examples = make_examples(args.num_examples)[rank::world]
-    batches = [collate_examples(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
+    batches = [collate(examples[i : i + args.batch_size], 0) for i in range(0, len(examples), args.batch_size)]
     result = {"world": world, "partition": {"shard_numel": shard, "full_numel": full}, "profiles": {}}
     for form, labels in CASES:
         profile = compute_fisher_profile(engine, batches, form=form, labels=labels, seed=3, progress=False)

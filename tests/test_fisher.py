@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from fisher_worker import make_batches, make_examples
 
 from layerwise_dist.config import ConfigError, FisherConfig
+from layerwise_dist.data import collate
 from layerwise_dist.fisher import (
     FisherInformationCalculator,
     FisherProfile,
     answer_log_probs,
     answer_targets,
-    collate_examples,
     compute_fisher_profile,
     decoder_layers,
     linear_method,
@@ -160,7 +160,7 @@ def test_log_probs_match_hf_logits(model, batches):
 
 
 def test_targets_convention_and_fallback():
-    batch = collate_examples(make_examples(3, seed=2))
+    batch = collate(make_examples(3, seed=2), 0)
     rows, pos, tok = answer_targets(batch)
     for n in range(3):
         assert int(batch["answer_pos"][n]) == int(pos[rows == n].min())
@@ -176,8 +176,8 @@ def test_targets_convention_and_fallback():
 
 def test_sampled_labels_are_seeded_and_batching_invariant(model):
     examples = make_examples(4, seed=3)
-    by2 = [collate_examples(examples[:2]), collate_examples(examples[2:])]
-    by4 = [collate_examples(examples)]
+    by2 = [collate(examples[:2], 0), collate(examples[2:], 0)]
+    by4 = [collate(examples, 0)]
     a = compute_fisher_profile(model, by2, "activation", "sampled", seed=11, progress=False)
     b = compute_fisher_profile(model, by4, "activation", "sampled", seed=11, progress=False)
     c = compute_fisher_profile(model, by4, "activation", "sampled", seed=12, progress=False)
@@ -252,7 +252,7 @@ def test_calculator_alias_on_a_dataset(model, batches):
 
 
 def test_four_bit_gram_trick_equals_dequantized_brute_force(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a required dependency: missing must fail, not skip
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_llama(seed=0).save_pretrained(tmp_path)

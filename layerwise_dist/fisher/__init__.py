@@ -3,13 +3,13 @@
 from layerwise_dist.fisher.engine import engine_backward, make_fisher_engine
 from layerwise_dist.fisher.estimator import (
     FisherInformationCalculator,
-    collate_examples,
     compute_fisher_profile,
     decoder_layers,
 )
 from layerwise_dist.fisher.hooks import FisherHooks, linear_method
-from layerwise_dist.fisher.profile import FisherProfile, normalize, spearman
+from layerwise_dist.fisher.profile import FisherProfile, spearman
 from layerwise_dist.fisher.targets import answer_log_probs, answer_targets, sample_tokens
+from layerwise_dist.weighting import normalize
 
 __all__ = [
     "FisherHooks",
@@ -17,7 +17,6 @@ __all__ = [
     "FisherProfile",
     "answer_log_probs",
     "answer_targets",
-    "collate_examples",
     "compute_fisher_profile",
     "decoder_layers",
     "engine_backward",

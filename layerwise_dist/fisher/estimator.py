@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -11,11 +12,15 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from layerwise_dist import distributed as dist_utils
+from layerwise_dist.config import FisherForm
+from layerwise_dist.data import collate
 from layerwise_dist.fisher.hooks import GRAM_CHUNK, GROUPS, FisherHooks
-from layerwise_dist.fisher.profile import FisherProfile, normalize
-from layerwise_dist.fisher.targets import IGNORE_INDEX, answer_log_probs
+from layerwise_dist.fisher.profile import FisherProfile
+from layerwise_dist.fisher.targets import answer_log_probs
+from layerwise_dist.models.util import model_device
+from layerwise_dist.weighting import normalize
 
-FORMS = ("parameter", "activation")
+FORMS = typing.get_args(FisherForm)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -33,16 +38,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _is_engine(model: Any) -> bool:
     return hasattr(model, "module") and hasattr(model, "backward") and isinstance(model.module, nn.Module)
-
-
-def _model_device(model: Any) -> torch.device:
-    if _is_engine(model):
-        return torch.device(model.device)
-    net = model
-    emb = net.get_input_embeddings() if hasattr(net, "get_input_embeddings") else None
-    if emb is not None:
-        return emb.weight.device
-    return next(net.parameters()).device
 
 
 @contextlib.contextmanager
@@ -125,7 +120,7 @@ def compute_fisher_profile(
         backward = torch.Tensor.backward
     layers = decoder_layers(net)
     L = len(layers)
-    device = _model_device(model)
+    device = model_device(model)
     totals = torch.zeros(5 * L + 1, dtype=torch.float64)
     num_examples = 0
     bar = tqdm(batches, desc=f"fisher ({form}, {labels})", disable=not (progress and dist_utils.is_main()))
@@ -169,33 +164,9 @@ def compute_fisher_profile(
     )
 
 
-def collate_examples(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad per-example dicts (1-D ``input_ids``/``labels``, scalars) into one batch."""
-    length = max(len(e["input_ids"]) for e in examples)
-    bsz = len(examples)
-    out: dict[str, torch.Tensor] = {
-        "input_ids": torch.full((bsz, length), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((bsz, length), dtype=torch.long),
-    }
-    if "labels" in examples[0]:
-        out["labels"] = torch.full((bsz, length), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids = torch.as_tensor(e["input_ids"], dtype=torch.long)
-        out["input_ids"][i, : len(ids)] = ids
-        out["attention_mask"][i, : len(ids)] = 1
-        if "labels" in out:
-            lab = torch.as_tensor(e["labels"], dtype=torch.long)
-            out["labels"][i, : len(lab)] = lab
-    for key in ("answer_pos", "target_index", "example_id"):
-        if key in examples[0]:
-            out[key] = torch.tensor([int(e[key]) for e in examples], dtype=torch.long)
-    if "candidate_token_ids" in examples[0]:
-        out["candidate_token_ids"] = torch.stack([torch.as_tensor(e["candidate_token_ids"]) for e in examples])
-    return out
-
-
 def _as_batches(data: Iterable[Mapping[str, Any]], batch_size: int, pad_token_id: int) -> Iterator[dict[str, Any]]:
-    """Batches pass through; a dataset of single examples (1-D input_ids) is collated batch_size at a time."""
+    """Batches pass through; a dataset of single examples (1-D input_ids) is collated batch_size at a time
+    by :func:`layerwise_dist.data.collate`."""
     pending: list[Mapping[str, Any]] = []
     for item in data:
         ids = item["input_ids"]
@@ -204,10 +175,10 @@ def _as_batches(data: Iterable[Mapping[str, Any]], batch_size: int, pad_token_id
             continue
         pending.append(item)
         if len(pending) == batch_size:
-            yield collate_examples(pending, pad_token_id)
+            yield collate(pending, pad_token_id)
             pending = []
     if pending:
-        yield collate_examples(pending, pad_token_id)
+        yield collate(pending, pad_token_id)
 
 
 class FisherInformationCalculator:

@@ -22,14 +22,17 @@ All maths runs in fp32; per-batch sums are accumulated in fp64.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layerwise_dist.config import FisherForm, LinearMethod
+
 GROUPS = ("attention", "mlp")
-LINEAR_METHODS = ("auto", "gram", "explicit")
+LINEAR_METHODS = typing.get_args(LinearMethod)
 
 
 def module_group(name: str) -> int:
@@ -110,8 +113,8 @@ class FisherHooks:
     def __init__(
         self, layers: Sequence[nn.Module], form: str, linear: str = "auto", gram_chunk: int = GRAM_CHUNK
     ) -> None:
-        if form not in ("parameter", "activation"):
-            raise ValueError(f"form must be parameter or activation; got {form!r}")
+        if form not in typing.get_args(FisherForm):
+            raise ValueError(f"form must be one of {typing.get_args(FisherForm)}; got {form!r}")
         if linear not in LINEAR_METHODS:
             raise ValueError(f"linear method must be one of {LINEAR_METHODS}; got {linear!r}")
         self.layers = list(layers)

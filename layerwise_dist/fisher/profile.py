@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from layerwise_dist.weighting import normalize
+
 
 def _ranks(values: list[float]) -> list[float]:
     """1-based ranks, ties get their average rank."""
@@ -36,23 +38,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     if va == 0 or vb == 0:
         return float("nan")
     return cov / math.sqrt(va * vb)
-
-
-def normalize(scores: list[float], temperature: float = 1.0) -> list[float]:
-    """Weights proportional to score^(1/temperature), summing to 1 (uniform if all scores are 0)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
-    if any(s < 0 or not math.isfinite(s) for s in scores):
-        raise ValueError(f"scores must be finite and non-negative; got {scores}")
-    if not scores:
-        return []
-    top = max(scores)
-    if top == 0:
-        return [1.0 / len(scores)] * len(scores)
-    # Scale by the maximum first so that small temperatures do not overflow.
-    powered = [(s / top) ** (1.0 / temperature) for s in scores]
-    total = sum(powered)
-    return [p / total for p in powered]
 
 
 @dataclass
@@ -113,7 +98,8 @@ class FisherProfile:
 
     # -- derived views ------------------------------------------------------------------------
     def normalized(self, temperature: float = 1.0) -> list[float]:
-        """Layer weights ~ F_l^(1/temperature), summing to 1."""
+        """Layer weights ~ F_l^(1/temperature), summing to 1 (:func:`layerwise_dist.weighting.normalize`;
+        an all-zero profile raises :class:`~layerwise_dist.weighting.WeightingError`)."""
         return normalize(self.scores, temperature)
 
     def top_layers(self, k: int) -> list[int]:

@@ -9,14 +9,17 @@ label falls back to ``answer_pos`` and ``candidate_token_ids[n, target_index[n]]
 from __future__ import annotations
 
 import inspect
+import typing
 import zlib
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-LABEL_MODES = ("empirical", "sampled")
+from layerwise_dist.config import FisherLabels
+from layerwise_dist.data.tokenize import IGNORE_INDEX
+
+LABEL_MODES = typing.get_args(FisherLabels)
 
 
 def answer_targets(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

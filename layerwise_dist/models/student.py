@@ -14,6 +14,7 @@ import copy
 import itertools
 import math
 import re
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-SELECTIONS = ("fisher-topk", "uniform", "last", "first", "list")
+from ..config import Selection
+
+SELECTIONS = typing.get_args(Selection)
 CONFIG_KEY = "layerwise_dist"
 # Config fields holding one entry per decoder layer: sliced like the layers themselves.
 _PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers")
