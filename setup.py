@@ -26,6 +26,7 @@ setup(
         "pandas>=2.0",
         "matplotlib>=3.7",
         "pyyaml>=6",
+        "omegaconf>=2.4",
         "tqdm>=4.60",
         "ray[train]>=2.40",
         "mlflow>=2.16",

@@ -1,24 +1,47 @@
 """One configuration schema for every entry point.
 
 Each section is a typed dataclass; every field carries a one-line ``help`` that
-the CLI prints with ``--help``. YAML presets (``layerwise_dist/presets/*.yaml``)
-are instances of :class:`RunConfig`; ``key=value`` overrides
-(``train.max_steps=20``, ``student.layers=[0,4,8]``) are applied on top and the
-result is checked again. The resolved configuration is saved with every run.
+the CLI prints with ``--help``, and every choice is a ``Literal`` alias below. The
+dataclasses are OmegaConf structured configs: a YAML preset
+(``layerwise_dist/presets/*.yaml``) and ``key=value`` overrides
+(``train.max_steps=20``, ``student.layers=[0,4,8]``) are merged onto the schema,
+which checks keys, types and choices; ``__post_init__`` checks ranges. Every error
+is a one-line :class:`ConfigError` naming the dotted key. The resolved
+configuration is saved with every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+# Every choice field's values, defined once (models, data and CLI read them with typing.get_args).
+DataSource = Literal["embedded", "amazon2023", "benchmark_csv", "llmrank", "prepared"]
+NegativeSampling = Literal["uniform", "popularity"]
+Quantization = Literal["nf4", "int8", "none"]
+Placement = Literal["zero3", "replicate"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+Selection = Literal["fisher-topk", "uniform", "last", "first", "list"]
+FisherForm = Literal["parameter", "activation"]
+FisherLabels = Literal["empirical", "sampled"]
+LinearMethod = Literal["auto", "gram", "explicit"]
+KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
+AlignLoss = Literal["nmse", "mse", "cosine"]
+KDMask = Literal["answer", "all"]
+Precision = Literal["auto", "bf16", "fp32"]
+EvalSplit = Literal["test", "valid"]
+ServeQuantization = Literal["teacher", "none", "nf4", "int8"]
 
 
 class ConfigError(ValueError):
@@ -31,9 +54,21 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; got {value!r}")
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _choices(annotation: Any) -> tuple[str, ...] | None:
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+def _check_choices(section: str, obj: Any) -> None:
+    """Literal fields of a section built directly in code (OmegaConf checks them on load)."""
+    for name, annotation in _hints(type(obj)).items():
+        choices = _choices(annotation)
+        if choices is not None and getattr(obj, name) not in choices:
+            raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; got {getattr(obj, name)!r}")
 
 
 def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
@@ -46,7 +81,7 @@ def _positive(section: str, name: str, value: float, allow_zero: bool = False) -
 class DataConfig:
     """Where the reviews come from and how they become ranking prompts."""
 
-    source: str = _f(
+    source: DataSource = _f(
         "embedded",
         "embedded (All_Beauty sample shipped with the package), amazon2023, benchmark_csv, llmrank or prepared",
     )
@@ -57,7 +92,7 @@ class DataConfig:
     history_len: int = _f(10, "number of most recent history titles shown in a prompt")
     num_candidates: int = _f(20, "candidates per prompt: the true next item plus num_candidates-1 negatives")
     title_max_tokens: int = _f(24, "each title is cut to this many tokens")
-    negative_sampling: str = _f("uniform", "uniform or popularity sampling of negatives")
+    negative_sampling: NegativeSampling = _f("uniform", "uniform or popularity sampling of negatives")
     max_length: int = _f(768, "prompts longer than this many tokens are an error (raise it or shorten titles)")
     train_targets_per_user: int = _f(1, "train examples per user: the last N train items as targets")
     max_train_examples: int = _f(0, "use at most this many training examples (0 = all)")
@@ -66,8 +101,7 @@ class DataConfig:
     cache_dir: str = _f("", "Hugging Face datasets cache for tokenized examples (default: ~/.cache/layerwise_dist)")
 
     def __post_init__(self) -> None:
-        _choice("data", "source", self.source, ("embedded", "amazon2023", "benchmark_csv", "llmrank", "prepared"))
-        _choice("data", "negative_sampling", self.negative_sampling, ("uniform", "popularity"))
+        _check_choices("data", self)
         for name in ("kcore", "history_len", "title_max_tokens", "max_length", "train_targets_per_user"):
             _positive("data", name, getattr(self, name))
         if not 2 <= self.num_candidates <= 26:
@@ -88,10 +122,12 @@ class TeacherConfig:
         "embedded:smollm2", "embedded:smollm2, tiny (random 4-layer Llama), a HF model folder, a .gguf file or a hub id"
     )
     gguf_file: str = _f("", "GGUF file name inside the model folder, when the folder holds one")
-    quantization: str = _f("nf4", "nf4 (bitsandbytes 4-bit, double quantization), int8 or none")
-    placement: str = _f("zero3", "zero3 (partitioned across ranks by DeepSpeed) or replicate (each rank holds it)")
+    quantization: Quantization = _f("nf4", "nf4 (bitsandbytes 4-bit, double quantization), int8 or none")
+    placement: Placement = _f(
+        "zero3", "zero3 (partitioned across ranks by DeepSpeed) or replicate (each rank holds it)"
+    )
     trust_remote_code: bool = _f(False, "allow model code from the model folder or hub")
-    attn_implementation: str = _f(
+    attn_implementation: AttnImplementation = _f(
         "auto", "auto (flash_attention_2 on CUDA with flash-attn, else sdpa), sdpa, eager or flash_attention_2"
     )
     tiny_layers: int = _f(4, "tiny preset: number of decoder layers")
@@ -99,11 +135,7 @@ class TeacherConfig:
     tiny_seed: int = _f(0, "tiny preset: seed of the random weights")
 
     def __post_init__(self) -> None:
-        _choice("teacher", "quantization", self.quantization, ("nf4", "int8", "none"))
-        _choice("teacher", "placement", self.placement, ("zero3", "replicate"))
-        _choice(
-            "teacher", "attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2")
-        )
+        _check_choices("teacher", self)
         if not self.model:
             raise ConfigError("teacher.model is empty: give embedded:smollm2, tiny, a folder, a .gguf file or a hub id")
         _positive("teacher", "tiny_layers", self.tiny_layers)
@@ -115,13 +147,15 @@ class StudentConfig:
     """Which teacher layers the student keeps."""
 
     num_layers: int = _f(8, "number of decoder layers of the student")
-    selection: str = _f("fisher-topk", "fisher-topk, uniform (evenly spaced), last, first or list")
-    layers: list = _f([], "explicit teacher layer indices (selection=list)")
+    selection: Selection = _f("fisher-topk", "fisher-topk, uniform (evenly spaced), last, first or list")
+    layers: list[int] = _f([], "explicit teacher layer indices (selection=list)")
     model: str = _f("", "optional: a separate student model folder (same tokenizer) instead of teacher layers")
-    layer_map: list = _f([], "student layer -> teacher layer for alignment (default: the layer it was copied from)")
+    layer_map: list[int] = _f(
+        [], "student layer -> teacher layer for alignment (default: the layer it was copied from)"
+    )
 
     def __post_init__(self) -> None:
-        _choice("student", "selection", self.selection, ("fisher-topk", "uniform", "last", "first", "list"))
+        _check_choices("student", self)
         _positive("student", "num_layers", self.num_layers)
         if self.selection == "list" and not self.layers and not self.model:
             raise ConfigError("student.selection=list needs student.layers, e.g. student.layers=[0,8,16,24]")
@@ -135,18 +169,20 @@ class StudentConfig:
 class FisherConfig:
     """The layerwise Fisher information pass over the teacher."""
 
-    form: str = _f("parameter", "parameter (per-example squared gradient norm of each layer's weights) or activation")
-    labels: str = _f("empirical", "empirical (dataset answers) or sampled (drawn from the model: true Fisher)")
+    form: FisherForm = _f(
+        "parameter", "parameter (per-example squared gradient norm of each layer's weights) or activation"
+    )
+    labels: FisherLabels = _f("empirical", "empirical (dataset answers) or sampled (drawn from the model: true Fisher)")
     num_examples: int = _f(64, "training examples used for the profile, over all ranks")
     batch_size: int = _f(2, "examples per forward/backward on each rank")
     profile: str = _f("", "reuse an existing FisherProfile JSON instead of measuring")
     seed: int = _f(0, "seed for sampled labels")
-    linear_method: str = _f("auto", "per-example linear-layer norms: auto (cheaper by shape), gram or explicit (G^T X)")
+    linear_method: LinearMethod = _f(
+        "auto", "per-example linear-layer norms: auto (cheaper by shape), gram or explicit (G^T X)"
+    )
 
     def __post_init__(self) -> None:
-        _choice("fisher", "form", self.form, ("parameter", "activation"))
-        _choice("fisher", "labels", self.labels, ("empirical", "sampled"))
-        _choice("fisher", "linear_method", self.linear_method, ("auto", "gram", "explicit"))
+        _check_choices("fisher", self)
         _positive("fisher", "num_examples", self.num_examples)
         _positive("fisher", "batch_size", self.batch_size)
 
@@ -157,22 +193,20 @@ class DistillConfig:
 
     ce_weight: float = _f(1.0, "a: weight of task cross-entropy on answer tokens")
     kd_weight: float = _f(1.0, "b: weight of the logit distillation loss")
-    kd_loss: str = _f("forward_kl", "forward_kl (Hinton, T^2 scaled), reverse_kl or jsd")
+    kd_loss: KDLoss = _f("forward_kl", "forward_kl (Hinton, T^2 scaled), reverse_kl or jsd")
     temperature: float = _f(2.0, "softmax temperature T of logit KD")
     jsd_beta: float = _f(0.5, "beta of the generalised JSD")
     align_weight: float = _f(1.0, "total weight of hidden-state alignment (per-layer weights sum to 1)")
-    align_loss: str = _f(
+    align_loss: AlignLoss = _f(
         "nmse", "nmse (MSE relative to the teacher state's norm), mse or cosine between mapped hidden states"
     )
     layer_weighting: str = _f("fisher", "fisher, linear, uniform or a registered strategy name")
     weight_temperature: float = _f(1.0, "fisher weighting: weights ~ profile^(1/temperature)")
-    mask: str = _f("answer", "answer (loss on answer tokens only) or all tokens")
+    mask: KDMask = _f("answer", "answer (loss on answer tokens only) or all tokens")
     shared_vocab_only: bool = _f(False, "allow teacher/student vocabularies that differ: KD on the shared prefix only")
 
     def __post_init__(self) -> None:
-        _choice("distill", "kd_loss", self.kd_loss, ("forward_kl", "reverse_kl", "jsd"))
-        _choice("distill", "align_loss", self.align_loss, ("nmse", "mse", "cosine"))
-        _choice("distill", "mask", self.mask, ("answer", "all"))
+        _check_choices("distill", self)
         for name in ("ce_weight", "kd_weight", "align_weight"):
             _positive("distill", name, getattr(self, name), allow_zero=True)
         _positive("distill", "temperature", self.temperature)
@@ -202,10 +236,10 @@ class TrainConfig:
         "end this run after N steps of the max_steps schedule, checkpointed (0 = run to max_steps); continue with resume=true, e.g. in time-limited cluster slots",
     )
     seed: int = _f(42, "seed of data order and initialisation")
-    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    precision: Precision = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
 
     def __post_init__(self) -> None:
-        _choice("train", "precision", self.precision, ("auto", "bf16", "fp32"))
+        _check_choices("train", self)
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
             _positive("train", name, getattr(self, name))
         _positive("train", "lr", self.lr)
@@ -225,19 +259,18 @@ class TrainConfig:
 class EvalConfig:
     """Ranking quality and cost of teacher and student."""
 
-    ks: list = _f([1, 5, 10], "cut-offs K of HR@K and NDCG@K")
+    ks: list[int] = _f([1, 5, 10], "cut-offs K of HR@K and NDCG@K")
     batch_size: int = _f(4, "examples per forward during evaluation")
     max_examples: int = _f(64, "test examples scored (0 = the whole test split)")
     latency_batches: int = _f(4, "batches timed for latency and throughput")
-    split: str = _f("test", "test or valid")
-    student_quantization: str = _f(
+    split: EvalSplit = _f("test", "test or valid")
+    student_quantization: ServeQuantization = _f(
         "teacher",
         "precision the student is served and measured in: teacher (same as teacher.quantization), none, nf4 or int8",
     )
 
     def __post_init__(self) -> None:
-        _choice("eval", "split", self.split, ("test", "valid"))
-        _choice("eval", "student_quantization", self.student_quantization, ("teacher", "none", "nf4", "int8"))
+        _check_choices("eval", self)
         _positive("eval", "batch_size", self.batch_size)
         _positive("eval", "max_examples", self.max_examples, allow_zero=True)
         _positive("eval", "latency_batches", self.latency_batches)
@@ -291,64 +324,77 @@ class RunConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _coerce(path: str, value: Any, annotation: Any) -> Any:
-    """Convert a YAML/override value to the field's type, or raise ConfigError."""
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} expects true or false; got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} expects an integer; got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path} expects a number; got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{path} expects a string; got {value!r}")
-    if annotation is list:
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"{path} expects a list, e.g. [1, 2]; got {value!r}")
-    return value
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def _annotation(key: str) -> Any:
+    """The schema type of a dotted key (``train.lr``; ``eval.ks[1]`` is an element), or None."""
+    annotation: Any = RunConfig
+    for part in key.split("."):
+        name, _, index = part.partition("[")
+        if not (dataclasses.is_dataclass(annotation) and name in _hints(annotation)):
+            return None
+        annotation = _hints(annotation)[name]
+        if index:
+            annotation = (typing.get_args(annotation) or (None,))[0]
+    return annotation
+
+
+_EXPECTS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURAL = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _error(e: OmegaConfBaseException, source: DictConfig | None = None) -> ConfigError:
+    """An OmegaConf error as one line naming the dotted key and what it expects."""
+    key = e.full_key or ""
+    value = getattr(e, "value", None)
+    if isinstance(e, ConfigKeyError) and key:
+        parent = e.object_type if dataclasses.is_dataclass(e.object_type) else RunConfig
+        valid = ", ".join(f.name for f in dataclasses.fields(parent))
+        if source is not None and OmegaConf.is_dict(OmegaConf.select(source, key, throw_on_missing=False)):
+            return ConfigError(f"unknown config section {key!r} (valid: {valid})")
+        return ConfigError(f"unknown config key {key!r} (valid: {valid})")
+    annotation = _annotation(key) if key and isinstance(e, ValidationError) else None
+    choices = _choices(annotation)
+    if choices is not None:
+        expected = f"must be one of {', '.join(choices)}"
+    elif annotation in _EXPECTS:
+        expected = f"expects {_EXPECTS[annotation]}"
+    elif typing.get_origin(annotation) is list:
+        item = typing.get_args(annotation)[0]
+        expected = f"expects a list of {_PLURAL.get(item, 'values')}, e.g. [1, 2]"
+    elif dataclasses.is_dataclass(annotation):
+        expected = "is a section: it must be a mapping of its keys"
+    else:
+        first = (str(e.msg or e).strip().splitlines() or [type(e).__name__])[0]
+        return ConfigError(_one_line(f"{key}: {first}" if key else first))
+    return ConfigError(f"{key} {expected}; got {value!r}")
+
+
+def _source(data: Any, where: str) -> DictConfig:
+    """A YAML document, dict or parsed override as a DictConfig whose sections are mappings."""
+    if OmegaConf.is_config(data):
+        data = OmegaConf.to_container(data, resolve=False)
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping; got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        t = hints[name]
-        if dataclasses.is_dataclass(t):
-            kwargs[name] = _build(t, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(f"{prefix}{name}", value, t)
+        raise ConfigError(f"{where}the top level must be a mapping of config keys; got {data!r}")
+    for name, annotation in _hints(RunConfig).items():
+        if dataclasses.is_dataclass(annotation) and name in data and not isinstance(data[name], dict):
+            raise ConfigError(f"{where}{name} is a section: it must be a mapping of its keys; got {data[name]!r}")
+    return OmegaConf.create(data)
+
+
+def _merge(cfg: DictConfig, data: Any, where: str = "") -> DictConfig:
+    """Merge data onto the structured cfg: OmegaConf checks keys, types and Literal choices."""
+    source = _source(data, where)
     try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - guarded by the unknown-key check
-        raise ConfigError(str(e)) from None
+        return OmegaConf.merge(cfg, source)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}{_error(e, source)}") from None
 
 
-def from_dict(data: dict[str, Any]) -> RunConfig:
-    return _build(RunConfig, data, "")
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
+def _override(item: str) -> Any:
+    """``key=value`` as a nested mapping; the value is read as YAML (``[0,4]``, ``3e-3``, ``true``)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=20)")
     key, raw = item.split("=", 1)
@@ -356,24 +402,39 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        return OmegaConf.from_dotlist([f"{key}={raw if raw.strip() else repr('')}"])
+    except yaml.YAMLError:  # not YAML (e.g. an unbalanced bracket): the raw text, as a string
+        data: Any = raw
+        for part in reversed(key.split(".")):
+            data = {part: data}
+        return data
+
+
+def _to_object(cfg: DictConfig) -> RunConfig:
+    try:
+        return OmegaConf.to_object(cfg)  # builds the dataclasses: __post_init__ checks ranges
+    except OmegaConfBaseException as e:
+        raise _error(e) from None
+
+
+def _schema() -> DictConfig:
+    return OmegaConf.structured(RunConfig)
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from a (partial) mapping of sections, then ``key=value`` overrides; defaults elsewhere."""
+    cfg = _merge(_schema(), data)
+    for item in overrides or []:
+        cfg = _merge(cfg, _override(item))
+    return _to_object(cfg)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with ``key=value`` overrides applied and checked against the schema (prefer ``from_dict``)."""
+    cfg = _merge(_schema(), data)
     for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            if k not in node or not isinstance(node[k], dict):
-                raise ConfigError(f"unknown config section {'.'.join(keys[:-1])!r} in override {item!r}")
-            node = node[k]
-        if keys[-1] not in node:
-            raise ConfigError(f"unknown config key {'.'.join(keys)!r} in override {item!r}")
-        node[keys[-1]] = value
-    return data
+        cfg = _merge(cfg, _override(item))
+    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def preset_path(name: str) -> Path:
@@ -389,54 +450,34 @@ def preset_path(name: str) -> Path:
 
 def load_config(preset: str = "default", overrides: list[str] | None = None) -> RunConfig:
     """Load a preset (name or YAML path), apply key=value overrides, check everything."""
-    path = preset_path(preset)
+    return _load_yaml(preset_path(preset), overrides)
+
+
+def config_from_yaml(path: str | Path) -> RunConfig:
+    """Read a saved resolved config (``RunConfig.save``) back; the same as ``load_config(path)``."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    return _load_yaml(Path(path))
+
+
+def _load_yaml(path: Path, overrides: list[str] | None = None) -> RunConfig:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data: Any = OmegaConf.load(path)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    merged = _merge(_defaults(), data, str(path))
-    merged = apply_overrides(merged, list(overrides or []))
-    return from_dict(merged)
-
-
-def _defaults() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(RunConfig):
-        t = typing.get_type_hints(RunConfig)[f.name]
-        if dataclasses.is_dataclass(t):
-            out[f.name] = {
-                g.name: (g.default if g.default is not dataclasses.MISSING else g.default_factory())
-                for g in dataclasses.fields(t)
-            }
-        else:
-            out[f.name] = f.default
-    return out
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(update, dict):
-        raise ConfigError(f"{where}: top level must be a mapping")
-    for key, value in update.items():
-        if key not in base:
-            raise ConfigError(f"{where}: unknown config key {key!r} (valid: {', '.join(base)})")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: section {key!r} must be a mapping")
-            for k in value:
-                if k not in base[key]:
-                    raise ConfigError(f"{where}: unknown config key {key}.{k} (valid: {', '.join(base[key])})")
-            base[key].update(value)
-        else:
-            base[key] = value
-    return base
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
+    except OSError as e:  # OmegaConf refuses a document that is a single scalar
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys ({_one_line(e)})") from None
+    cfg = _merge(_schema(), data, f"{path}: ")
+    for item in overrides or []:
+        cfg = _merge(cfg, _override(item))
+    return _to_object(cfg)
 
 
 def help_text() -> str:
-    """Every field with its type, default and help line (printed by --help)."""
+    """Every field with its default and help line (printed by --help)."""
     lines = []
-    hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
-        t = hints[f.name]
+        t = _hints(RunConfig)[f.name]
         if dataclasses.is_dataclass(t):
             lines.append(f"{f.name}:  {t.__doc__.strip().splitlines()[0]}")
             for g in dataclasses.fields(t):
