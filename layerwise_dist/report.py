@@ -7,8 +7,6 @@
         "student": {...},         # the same for the student (one of the two may be missing)
         "comparison": {...},      # optional: evaluation.compare(teacher, student), computed when absent
         "fisher": FisherProfile or its dict,   # optional
-        "student_layers": [..],   # optional: teacher layers the student kept
-        "layer_weights": [..],    # optional: alignment weight of each student layer
         "title": "...",           # optional
         "notes": ["..."],         # optional free lines (setup, caveats)
     }
@@ -194,13 +192,6 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path,
         for key, why in missing.items():
             lines.append(f"- {side} {key}: not measured ({why})")
     lines.append("")
-    if results.get("student_layers") is not None:
-        kept = list(results["student_layers"])
-        weights = results.get("layer_weights")
-        lines += ["## Student layers", ""]
-        rows = [(str(i), str(t), "" if weights is None else f"{weights[i]:.3f}") for i, t in enumerate(kept)]
-        lines += _md_table(("student layer", "teacher layer", "alignment weight"), rows)
-        lines.append("")
     if profile is not None:
         lines += _fisher_lines(profile)
     lines += [f"![comparison]({png_path.name})", ""]
@@ -210,57 +201,50 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path,
 
 
 def _plot(results: Mapping[str, Any], comp: Mapping[str, Any], profile: Any, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API draws without pyplot and without choosing a backend (a global setting):
+    # savefig renders the PNG with Agg whatever backend the caller's process uses.
+    from matplotlib.figure import Figure
 
     teacher, student = _sides(results)
     keys = _quality_keys(teacher, student)
     panels = 3 if profile is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
-    try:
-        ax = axes[0]
-        x = range(len(keys))
-        for shift, name, side in ((-0.2, "teacher", teacher), (0.2, "student", student)):
-            if side:
-                ax.bar([i + shift for i in x], [_num(side.get(k)) for k in keys], width=0.4, label=name)
-        ax.set_xticks(list(x), keys, rotation=30)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"ranking quality (n={student.get('n', teacher.get('n', '?'))})")
-        ax.legend()
+    fig = Figure(figsize=(5.2 * panels, 4.2))
+    axes = fig.subplots(1, panels)
 
-        ax = axes[1]
-        names, values = [], []
-        for key, value in comp.get("retained", {}).items():
-            if value is not None:
-                names.append(f"{key} kept")
-                values.append(value)
-        if comp.get("speedup") is not None:
-            names.append("speedup (x)")
-            values.append(comp["speedup"])
-        for key, value in comp.get("memory_reduction", {}).items():
-            names.append(f"mem. less: {key.replace('_bytes', '')}")
+    ax = axes[0]
+    x = range(len(keys))
+    for shift, name, side in ((-0.2, "teacher", teacher), (0.2, "student", student)):
+        if side:
+            ax.bar([i + shift for i in x], [_num(side.get(k)) for k in keys], width=0.4, label=name)
+    ax.set_xticks(list(x), keys, rotation=30)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"ranking quality (n={student.get('n', teacher.get('n', '?'))})")
+    ax.legend()
+
+    ax = axes[1]
+    names, values = [], []
+    for key, value in comp.get("retained", {}).items():
+        if value is not None:
+            names.append(f"{key} kept")
             values.append(value)
-        bars = ax.barh(range(len(names)), values, color="tab:green")
-        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-        ax.invert_yaxis()
-        ax.set_title("student relative to teacher")
+    if comp.get("speedup") is not None:
+        names.append("speedup (x)")
+        values.append(comp["speedup"])
+    for key, value in comp.get("memory_reduction", {}).items():
+        names.append(f"mem. less: {key.replace('_bytes', '')}")
+        values.append(value)
+    bars = ax.barh(range(len(names)), values, color="tab:green")
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.invert_yaxis()
+    ax.set_title("student relative to teacher")
 
-        if profile is not None:
-            ax = axes[2]
-            ax.bar(range(profile.num_layers), profile.normalized(), color="tab:purple")
-            kept = results.get("student_layers")
-            if kept:
-                weights = profile.normalized()
-                ax.scatter(list(kept), [weights[i] for i in kept], color="black", zorder=3, s=14, label="kept")
-                ax.legend()
-            ax.set_xlabel("teacher layer")
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.set_title("Fisher share per layer")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
+    if profile is not None:
+        ax = axes[2]
+        ax.bar(range(profile.num_layers), profile.normalized(), color="tab:purple")
+        ax.set_xlabel("teacher layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title("Fisher share per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

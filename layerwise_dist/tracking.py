@@ -22,7 +22,6 @@ import json
 import numbers
 import re
 import shlex
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -83,12 +82,6 @@ class Tracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        pass
-
-    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         pass
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -216,33 +209,6 @@ class MLflowTracker(Tracker):
             self.client.log_artifact(self.run_id, str(path), artifact_path)
         else:
             raise FileNotFoundError(f"artifact {path} does not exist")
-
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """Save a matplotlib figure as an artifact (e.g. ``plots/fisher_profile.png``)."""
-        if not self.active:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / Path(artifact_file).name
-            figure.savefig(local, dpi=120, bbox_inches="tight")
-            self._log_file(local, artifact_file)
-
-    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        """Save a dict as a JSON (or YAML, by extension) artifact."""
-        if not self.active:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / Path(artifact_file).name
-            if local.suffix in (".yaml", ".yml"):
-                import yaml
-
-                local.write_text(yaml.safe_dump(dict(data), sort_keys=False))
-            else:
-                local.write_text(json.dumps(data, indent=2, default=str))
-            self._log_file(local, artifact_file)
-
-    def _log_file(self, local: Path, artifact_file: str) -> None:
-        parent = str(Path(artifact_file).parent)
-        self.client.log_artifact(self.run_id, str(local), None if parent == "." else parent)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:

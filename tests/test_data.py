@@ -6,8 +6,11 @@ import argparse
 import csv
 import gzip
 import json
+import logging
 import os
 import random
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from layerwise_dist.data import (
     IGNORE_INDEX,
     LABELS,
     Amazon2023Source,
+    BadRows,
     DataError,
     RankExample,
     SplitData,
@@ -29,9 +33,10 @@ from layerwise_dist.data import (
     label_token_ids,
     load_splits,
     prepare,
+    read_reviews,
+    read_titles,
     render_prompt,
     run_prepare,
-    shard,
     splits_from_source,
     stable_seed,
     tokenize_examples,
@@ -234,6 +239,39 @@ def test_clear_errors_for_unusable_input(tmp_path: Path) -> None:
     pq.write_table(pa.table({"user_id": ["a"], "rating": [1.0], "timestamp": [1]}), bad_pq)
     with pytest.raises(DataError, match="no column 'parent_asin'"):
         load(bad_pq, meta)
+
+
+def test_csv_fields_beyond_the_default_limit_leave_the_global_limit_alone(tmp_path: Path) -> None:
+    old = csv.field_size_limit(131_072)  # the csv module's default; restored below
+    try:
+        big = "x" * 200_000
+        meta = tmp_path / "meta_All_Beauty.csv"
+        with open(meta, "w", newline="") as f:
+            csv.writer(f).writerows([["", "parent_asin", "title"], ["0", "P1", big], ["1", "P2", "short"]])
+        reviews = tmp_path / "All_Beauty.rating_only.csv"
+        with open(reviews, "w", newline="") as f:
+            csv.writer(f).writerows(
+                [
+                    ["user_id", "parent_asin", "rating", "timestamp", "text"],
+                    ["U1", "P1", "5", "1", big],
+                    ["U2", "P2", "4", "2", ""],
+                ]
+            )
+        with open(meta, newline="") as f, pytest.raises(csv.Error, match="field larger than field limit"):
+            list(csv.reader(f))  # the file really is beyond the caller's limit
+        titles, _ = read_titles(meta, None, BadRows())
+        assert titles == {"P1": big, "P2": "short"}
+        assert csv.field_size_limit() == 131_072
+        rows = read_reviews(reviews, BadRows(strict=True))
+        assert next(rows) == ("U1", "P1", 5.0, 1)
+        assert csv.field_size_limit() == 131_072  # also while the reader is suspended between rows
+        assert list(rows) == [("U2", "P2", 4.0, 2)]
+        assert csv.field_size_limit() == 131_072
+    finally:
+        csv.field_size_limit(old)
+    code = "import csv; before = csv.field_size_limit(); import layerwise_dist.data; print(csv.field_size_limit() == before)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True"]  # importing the package leaves it alone too
 
 
 def test_items_without_title_are_dropped_and_kcore_reapplied(tmp_path: Path) -> None:
@@ -522,29 +560,13 @@ def test_collate_pads_right() -> None:
     assert batch["candidate_token_ids"].shape == (2, 2)
 
 
-def test_shard_contiguous_drop_and_keep() -> None:
-    data = list(range(10))
-    train = [shard(data, r, 3, drop_remainder=True) for r in range(3)]
-    assert train == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    evals = [shard(data, r, 3, drop_remainder=False) for r in range(3)]
-    assert evals == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    from datasets import Dataset
-
-    ds = Dataset.from_list([{"x": i} for i in data])
-    assert shard(ds, 1, 3, drop_remainder=True)["x"] == [3, 4, 5]
-    with pytest.raises(DataError, match="rank"):
-        shard(data, 3, 3, drop_remainder=True)
-    with pytest.raises(DataError, match="cannot give each"):
-        shard([1], 0, 2, drop_remainder=True)
-
-
 # ---------------------------------------------------------------- prepare
 
 
 def test_prepare_writes_splits_and_stats_and_reloads(tmp_path: Path, raw) -> None:
     reviews, meta = raw
     out = tmp_path / "prepared"
-    split = prepare(reviews, meta, out, DataConfig(source="amazon2023", reviews="-", kcore=2))
+    split = prepare(reviews, meta, out, DataConfig(source="amazon2023", reviews=str(reviews), kcore=2))
     assert sorted(p.name for p in out.iterdir()) == [
         "items.parquet",
         "stats.json",
@@ -566,7 +588,7 @@ def test_prepare_writes_splits_and_stats_and_reloads(tmp_path: Path, raw) -> Non
     small = DataConfig(num_candidates=3)
     assert build_examples(again, "test", small) == build_examples(split, "test", small)
     with pytest.raises(DataError, match="not an empty folder"):
-        prepare(reviews, meta, out, DataConfig(reviews="-"))
+        prepare(reviews, meta, out, DataConfig(reviews=str(reviews)))
 
 
 def test_run_prepare_cli_failure_writes_nothing(tmp_path: Path, capsys, raw) -> None:
@@ -586,3 +608,47 @@ def test_run_prepare_cli_failure_writes_nothing(tmp_path: Path, capsys, raw) -> 
         == 0
     )
     assert "1 bad rows skipped" in capsys.readouterr().out and (out / "train.parquet").is_file()
+
+
+def test_prepare_logs_and_prints_nothing(tmp_path: Path, capsys, raw) -> None:
+    reviews, meta = raw
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("layerwise_dist.data")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        prepare(reviews, meta, tmp_path / "out", DataConfig(source="amazon2023", reviews=str(reviews), kcore=2))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert capsys.readouterr().out == ""
+    assert f"prepared split written to {tmp_path / 'out'}" in [r.getMessage() for r in records]
+
+
+def test_run_prepare_overrides_reach_the_data_config(tmp_path: Path, capsys, raw) -> None:
+    reviews, meta = raw
+    parser = argparse.ArgumentParser()
+    add_prepare_arguments(parser)
+
+    def run(out: str, *overrides: str) -> int:
+        args = ["--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / out), *overrides]
+        return run_prepare(parser.parse_args(args))
+
+    assert run("a", "kcore=3", "data.category=Beauty_Test") == 0
+    assert "wrote " in capsys.readouterr().out
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["kcore_setting"] == 3
+    for overrides, message in (
+        (["kcore=three"], "data.kcore expects an integer; got 'three'"),
+        (["kcore=0"], "kcore"),
+        (["negative_sampling=best"], "negative_sampling"),
+        (["nope=1"], "unknown data key 'nope'"),
+        (["kcore"], "is not key=value"),
+        (["reviews=other.jsonl"], "--reviews"),
+    ):
+        assert run("b", *overrides) == 2, overrides
+        assert message in capsys.readouterr().err, overrides
+        assert not (tmp_path / "b").exists()

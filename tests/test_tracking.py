@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
-import matplotlib
+import mlflow
 import pytest
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-
-from layerwise_dist.config import RunConfig, TrackingConfig  # noqa: E402
-from layerwise_dist.evaluation import compare  # noqa: E402
-from layerwise_dist.report import results_table, write_report  # noqa: E402
-from layerwise_dist.tracking import (  # noqa: E402
+from conftest import REPO, VENV_BIN, free_port, run_env
+from layerwise_dist.config import RunConfig, TrackingConfig
+from layerwise_dist.evaluation import compare
+from layerwise_dist.report import results_table, write_report
+from layerwise_dist.tracking import (
     MLflowTracker,
     NullTracker,
     default_tracking_uri,
@@ -49,9 +51,74 @@ def test_names_and_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
 
 
-def test_ui_command(store):
-    cmd = mlflow_ui_command(store)
-    assert cmd == f"mlflow ui --backend-store-uri sqlite:///{store.resolve()}/mlflow.db --port 5000"
+def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process group this test started (the server, its workers and job runners), then SIGKILL."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def test_ui_command_serves_the_logged_runs(tmp_path, monkeypatch):
+    """The printed command, run as printed by a shell (the store path has a space), serves the run."""
+    store = tmp_path / "my results"
+    with MLflowTracker(TrackingConfig(experiment="ui"), store, run_name="shown", rank=0) as tracker:
+        tracker.log_metrics({"hr@1": 0.5})
+    port = free_port()
+    cmd = mlflow_ui_command(store, port=port)
+    assert cmd.startswith("mlflow ui ") and f"--port {port}" in cmd
+    env = run_env() | {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job runners: the UI needs none
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["bash", "-c", f"exec {cmd}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # 30-40 s on 2 busy cores
+        while True:
+            assert proc.poll() is None, f"mlflow ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"mlflow ui did not answer in 180 s:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        client = mlflow.MlflowClient(tracking_uri=url)
+        exp = client.get_experiment_by_name("ui")
+        assert exp is not None
+        [run] = client.search_runs([exp.experiment_id])
+        assert (run.info.run_id, run.info.run_name, run.info.status) == (tracker.run_id, "shown", "FINISHED")
+        assert run.data.metrics == {"hr_at_1": 0.5}
+    finally:
+        _stop_group(proc)
 
 
 def test_log_and_read_back(store, client, tmp_path):
@@ -65,11 +132,7 @@ def test_log_and_read_back(store, client, tmp_path):
         note = tmp_path / "note.txt"
         note.write_text("hello")
         tracker.log_artifact(note)
-        tracker.log_dict({"a": 1}, "config/resolved.json")
-        fig, ax = plt.subplots()
-        ax.plot([0, 1])
-        tracker.log_figure(fig, "plots/curve.png")
-        plt.close(fig)
+        tracker.log_artifact(note, "notes")
         run_id = tracker.run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-fisher"
@@ -80,9 +143,9 @@ def test_log_and_read_back(store, client, tmp_path):
     assert run.data.metrics["hr_at_1"] == 0.5 and "memory" not in run.data.metrics
     history = client.get_metric_history(run_id, "loss.total")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
-    assert _artifacts(client, run_id) == {"note.txt", "config/resolved.json", "plots/curve.png"}
-    local = client.download_artifacts(run_id, "config/resolved.json", str(tmp_path))
-    assert json.loads(Path(local).read_text()) == {"a": 1}
+    assert _artifacts(client, run_id) == {"note.txt", "notes/note.txt"}
+    local = client.download_artifacts(run_id, "notes/note.txt", str(tmp_path / "download"))
+    assert Path(local).read_text() == "hello"
     # artifacts live beside the default store
     assert run.info.artifact_uri.startswith((store.resolve() / "mlartifacts").as_uri())
 
@@ -142,7 +205,7 @@ def test_report_and_table(tmp_path):
     student |= {"latency_ms_per_example_median": 10.0, "memory_model_bytes": 2 * 2**20, "num_parameters": 500_000}
     student |= {"cuda_peak_allocated_bytes": None}
     fisher = {"scores": [1.0, 1.0, 2.0, 4.0], "num_examples": 8, "model_id": "tiny"}
-    results = {"teacher": teacher, "student": student, "fisher": fisher, "student_layers": [2, 3]}
+    results = {"teacher": teacher, "student": student, "fisher": fisher}
     table = results_table(results)
     assert "HR@1" in table and "0.0% retained" in table and "4.00x faster" in table and "75.0% less" in table
     assert "CUDA" not in table  # not measured on either side: no row
@@ -162,3 +225,27 @@ def test_report_with_student_only(tmp_path):
     assert "| HR@1 | n/a | 0.2500 |  |" in md.read_text() and png.exists()
     with pytest.raises(KeyError):
         results_table({})
+
+
+def test_report_leaves_the_matplotlib_backend_alone(tmp_path):
+    """write_report draws with the object API: the caller's backend stays and pyplot is never imported."""
+    code = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "from layerwise_dist.report import write_report\n"
+        "teacher, student = {'hr@1': 0.5, 'n': 4}, {'hr@1': 0.25, 'n': 4}\n"
+        "fisher = {'scores': [1.0, 2.0, 4.0], 'num_examples': 2}\n"
+        "md, png = write_report({'teacher': teacher, 'student': student, 'fisher': fisher}, sys.argv[1])\n"
+        "pyplot = 'matplotlib.pyplot' in sys.modules\n"
+        "print(matplotlib.rcParams['backend'], pyplot, png.read_bytes()[:4] == b'\\x89PNG')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["svg", "False", "True"]

@@ -13,11 +13,12 @@ import os
 import shutil
 import sys
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, DataConfig, apply_overrides, from_dict
-from .errors import DataError
+from ..config import ConfigError, DataConfig
+from .errors import DataError, logger
 from .sources import load_splits
 from .splits import SplitData
 
@@ -46,7 +47,17 @@ def prepare(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    logger.info("prepared split written to %s", out)
     return splits
+
+
+def summary(out: str | Path, stats: dict[str, Any]) -> str:
+    """One line about a prepared folder: category, users, items, interactions, sparsity, bad rows."""
+    bad = stats["bad_rows"]["interactions"]["total"] + stats["bad_rows"]["metadata"]["total"]
+    return (
+        f"wrote {out}: {stats['category']} {stats['users']} users, {stats['items']} items, "
+        f"{stats['interactions']} interactions (sparsity {stats['sparsity']:.4f}); {bad} bad rows skipped"
+    )
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,26 +73,42 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _data_config(overrides: list[str]) -> DataConfig:
-    base = {"data": dataclasses.asdict(DataConfig())}
-    items = [o if o.startswith("data.") else f"data.{o}" for o in overrides]
-    # prepare takes its inputs from --reviews/--meta; a placeholder satisfies the schema check.
-    base["data"]["reviews"] = "-"
-    return from_dict(apply_overrides(base, items)).data
+def _data_config(overrides: list[str], reviews: str | Path, meta: str | Path | None) -> DataConfig:
+    """The ``data`` section of ``data prepare``: ``--reviews``/``--meta`` plus ``key=value`` overrides
+    of the other ``DataConfig`` fields (``data.`` prefix optional), checked by ``DataConfig`` itself."""
+    hints = typing.get_type_hints(DataConfig)
+    names = sorted(f.name for f in dataclasses.fields(DataConfig) if f.name not in ("reviews", "meta"))
+    values: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().removeprefix("data.")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. kcore=10)")
+        if key in ("reviews", "meta"):
+            raise ConfigError(f"data prepare reads its input from --{key}, not from the override {item!r}")
+        if key not in names:
+            raise ConfigError(f"unknown data key {key!r} in override {item!r} (valid: {', '.join(names)})")
+        if hints[key] is int:
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                raise ConfigError(f"data.{key} expects an integer; got {raw!r}") from None
+        else:
+            values[key] = raw.strip()
+    return DataConfig(**values, reviews=str(reviews), meta=str(meta or ""))
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Entry point of ``layerwise-dist data prepare``; returns the exit code (2 on bad input)."""
+    """Entry point of ``layerwise-dist data prepare``: prints the summary line, or the error to stderr
+    and returns 2 on bad input."""
+    from ..distributed import get_logger
+
+    get_logger()  # the package logger's stderr handler shows the progress and bad-row warnings
     try:
-        cfg = _data_config(list(getattr(args, "overrides", []) or []))
+        cfg = _data_config(list(getattr(args, "overrides", []) or []), args.reviews, args.meta or None)
         splits = prepare(args.reviews, args.meta or None, args.out, cfg, strict=args.strict)
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s: dict[str, Any] = splits.stats
-    bad = s["bad_rows"]["interactions"]["total"] + s["bad_rows"]["metadata"]["total"]
-    print(
-        f"wrote {args.out}: {s['category']} {s['users']} users, {s['items']} items, "
-        f"{s['interactions']} interactions (sparsity {s['sparsity']:.4f}); {bad} bad rows skipped"
-    )
+    print(summary(args.out, splits.stats))
     return 0

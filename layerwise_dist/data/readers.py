@@ -26,6 +26,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,7 +47,10 @@ AMAZON2023_CATEGORIES = frozenset(
 )
 _SUFFIXES = (".gz", ".jsonl", ".json", ".parquet", ".csv", ".rating_only", ".train", ".valid", ".test", ".5core")
 
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+# Benchmark and metadata CSVs can hold fields longer than the csv module's default limit
+# (128 KiB): the package lifts it while its own readers parse, see csv_field_limit.
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+CSV_CHUNK_ROWS = 4096  # rows parsed per lift of the limit
 
 
 def file_kind(path: Path) -> str:
@@ -168,19 +172,53 @@ def read_reviews_parquet(
             progress(batch.num_rows)
 
 
-def _csv_rows(path: Path) -> tuple[Iterator[list[str]], Any, list[str]]:
+@contextmanager
+def csv_field_limit(limit: int = CSV_FIELD_LIMIT) -> Iterator[None]:
+    """Set ``csv.field_size_limit`` for the block and restore the previous limit after it.
+
+    The limit is process-wide state of the csv module; setting it at import would change
+    it for every other user of csv. (It is not thread-safe: another thread parsing CSV in
+    the same moment sees the raised limit.)
+    """
+    old = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _limited_rows(reader: Any) -> Iterator[tuple[int, list[str]]]:
+    """(line number, row) of a ``csv.reader``, parsed under :func:`csv_field_limit`.
+
+    Rows are parsed in chunks with the limit raised and yielded with it restored, so code
+    running between two rows (the caller's) sees its own limit.
+    """
+    while True:
+        chunk = []
+        with csv_field_limit():
+            for row in reader:
+                chunk.append((reader.line_num, row))
+                if len(chunk) == CSV_CHUNK_ROWS:
+                    break
+        yield from chunk
+        if len(chunk) < CSV_CHUNK_ROWS:
+            return
+
+
+def _csv_rows(path: Path) -> tuple[Iterator[tuple[int, list[str]]], Any, list[str]]:
+    """(rows after the header as (line number, row), the open text handle to close, header)."""
     text = io.TextIOWrapper(open_binary(path), encoding="utf-8", newline="")
-    reader = csv.reader(text)
-    header = next(reader, None)
-    if header is None:
+    rows = _limited_rows(csv.reader(text))
+    first = next(rows, None)
+    if first is None:
         text.close()
         raise DataError(f"{path}: empty file (no header line)")
-    return reader, text, [h.strip() for h in header]
+    return rows, text, [h.strip() for h in first[1]]
 
 
 def read_reviews_csv(path: Path, bad: BadRows, progress: Callable[[int], None] | None = None) -> Iterator[Interaction]:
     """``rating_only`` or benchmark CSV: columns ``user_id,parent_asin,rating,timestamp`` (others ignored)."""
-    reader, handle, header = _csv_rows(path)
+    rows, handle, header = _csv_rows(path)
     with handle:
         missing = [c for c in REVIEW_FIELDS if c not in header]
         if missing:
@@ -188,11 +226,10 @@ def read_reviews_csv(path: Path, bad: BadRows, progress: Callable[[int], None] |
         iu, ii, ir, it = (header.index(c) for c in REVIEW_FIELDS)
         width = max(iu, ii, ir, it) + 1
         count = 0
-        for row in reader:
+        for line_no, row in rows:
             count += 1
             if progress is not None and count % 10_000 == 0:
                 progress(10_000)
-            line_no = reader.line_num
             if not row:
                 continue
             if len(row) < width:
@@ -245,14 +282,14 @@ def _meta_records(path: Path, bad: BadRows) -> Iterator[tuple[int, Any]]:
                 row_no += 1
                 yield row_no, record
     else:
-        reader, handle, header = _csv_rows(path)
+        rows, handle, header = _csv_rows(path)
         with handle:
             for name in ("parent_asin", "title"):
                 if name not in header:
                     raise DataError(f"{path}: metadata CSV has no column {name!r} (header: {','.join(header)})")
-            for row in reader:
+            for line_no, row in rows:
                 if row:
-                    yield reader.line_num, dict(zip(header, row))
+                    yield line_no, dict(zip(header, row))
 
 
 def read_titles(path: Path, wanted: set[str] | None, bad: BadRows) -> tuple[dict[str, str], Counter[str]]:
