@@ -10,7 +10,15 @@ it as a Hugging Face folder (``<output_dir>/student``) and scores it on the test
 
 import sys
 
-from layerwise_dist.worker import main
+from layerwise_dist.recipes import jobs
+from layerwise_dist.worker import config_from_argv, run_job
+
+
+def main() -> int:
+    # The recipe is layerwise_dist/recipes/jobs.py::distill; the config comes from
+    # --preset (or --config), --ds_config and key=value overrides; bad input exits 2 with one line.
+    return run_job(jobs.distill, lambda: config_from_argv("distill", sys.argv[1:]))
+
 
 if __name__ == "__main__":
-    sys.exit(main(["distill", *sys.argv[1:]]))
+    sys.exit(main())

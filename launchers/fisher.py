@@ -8,7 +8,15 @@ profile, written to ``<output_dir>/fisher_profile.json`` and ``.png``.
 
 import sys
 
-from layerwise_dist.worker import main
+from layerwise_dist.recipes import jobs
+from layerwise_dist.worker import config_from_argv, run_job
+
+
+def main() -> int:
+    # The recipe is layerwise_dist/recipes/jobs.py::fisher; the config comes from
+    # --preset (or --config), --ds_config and key=value overrides; bad input exits 2 with one line.
+    return run_job(jobs.fisher, lambda: config_from_argv("fisher", sys.argv[1:]))
+
 
 if __name__ == "__main__":
-    sys.exit(main(["fisher", *sys.argv[1:]]))
+    sys.exit(main())

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from layerwise_dist.config import ConfigError
 from layerwise_dist.ray_train import init_ray, run_ray
-from layerwise_dist.worker import COMMANDS
+from layerwise_dist.recipes.jobs import JOBS
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--command", default="pipeline", choices=list(COMMANDS))
+    parser.add_argument("--command", default="pipeline", choices=list(JOBS))
     parser.add_argument("--preset", default="default", help="preset name (default, tiny) or a YAML file")
     parser.add_argument("--ds_config", default=None, help="DeepSpeed JSON (sets ds_config=...)")
     parser.add_argument("--num_workers", type=int, default=2, help="Ray Train workers = ranks")

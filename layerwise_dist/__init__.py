@@ -31,7 +31,7 @@ _EXPORTS = {
     "rank_metrics": "layerwise_dist.evaluation",
     "evaluate_model": "layerwise_dist.evaluation",
 }
-_ALIASES = {"run_pipeline": ("layerwise_dist.pipeline", "run")}
+_ALIASES = {"run_pipeline": ("layerwise_dist.recipes.jobs", "pipeline")}
 
 __all__ = sorted([*_EXPORTS, *_ALIASES, "__version__"])
 

@@ -14,9 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from . import __version__
-from .worker import COMMANDS, DESCRIPTIONS, add_run_arguments
+from .recipes.jobs import DESCRIPTIONS, JOBS
+from .worker import add_run_arguments
 
 
 def _default_nproc() -> int:
@@ -29,36 +31,28 @@ def _inside_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
 
 
-def _free_port() -> int:
-    import socket
+def launch(command: str, args: argparse.Namespace) -> int:
+    """Resolve and check the config here (one clear error, before any process starts), then start the ranks.
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(command: str, args: argparse.Namespace, rest: list[str]) -> int:
-    """Check the config here (one clear error, before any process starts), then start the ranks."""
+    The ranks get the resolved config itself (``--config <output_dir>/config.yaml``), not
+    the preset and overrides to parse again.
+    """
     from .config import ConfigError
-    from .worker import resolve
+    from .distributed import free_port
+    from .ds_config import ds_config_path
+    from .worker import resolve, run_job
 
     try:
-        cfg = resolve(command, args)
+        cfg = resolve(args)
+        ds_config_path(cfg.ds_config)
     except ConfigError as e:
         print(f"error: ConfigError: {e}", file=sys.stderr)
         return 2
-    if not os.path.isfile(cfg.ds_config):
-        print(f"error: ds_config: {cfg.ds_config} does not exist", file=sys.stderr)
-        return 2
     nproc = args.nproc or _default_nproc()
-    worker_args = [command, "--preset", args.preset, *rest]
-    if args.ds_config:
-        worker_args += ["--ds_config", args.ds_config]
-    worker_args += list(args.overrides)
     if nproc <= 1 or _inside_launcher():
-        from .worker import main as worker_main
-
-        return worker_main(worker_args)
+        return run_job(JOBS[command], cfg)
+    resolved = Path(cfg.output_dir) / "config.yaml"
+    cfg.save(resolved)
     deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = dict(os.environ)
     import torch
@@ -74,10 +68,12 @@ def launch(command: str, args: argparse.Namespace, rest: list[str]) -> int:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(args.master_port or _free_port()),
+        str(args.master_port or free_port()),
         "--module",
         "layerwise_dist.worker",
-        *worker_args,
+        command,
+        "--config",
+        str(resolved),
     ]
     print("launching:", " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=env)
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"layerwise_dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
+    for name in JOBS:
         p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name])
         add_run_arguments(p)
         p.add_argument("--nproc", type=int, default=0, help="ranks to start (default: CUDA devices, or 2 on CPU)")
@@ -118,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("overrides", nargs="*", metavar="key=value")
 
     args = parser.parse_args(argv)
-    if args.command in COMMANDS:
-        return launch(args.command, args, [])
+    if args.command in JOBS:
+        return launch(args.command, args)
     if args.command == "data":
         from .data import run_prepare
 

@@ -77,7 +77,7 @@ def init_distributed() -> None:
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
         # A single process without a launcher: DeepSpeed still wants a group of one.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -88,7 +88,8 @@ def init_distributed() -> None:
         torch.cuda.set_device(local_rank())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous)."""
     import socket
 
     with socket.socket() as s:

@@ -128,10 +128,6 @@ def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] 
     return _metrics_from_sums(_metric_sums(scores, targets, ks), ks)
 
 
-# recommender.py imports the helper under its old private name.
-_model_device = model_device
-
-
 def _prompt_only(batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask cut after the last answer position.
 

@@ -5,20 +5,23 @@
 Ray's ``TorchConfig`` makes the process group (gloo on CPU, NCCL on GPU) and sets
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR before ``train_func`` runs; DeepSpeed
 then wraps that group on first use instead of making its own, so ZeRO-3 and our
-all-reduces share it. Each worker runs :func:`layerwise_dist.pipeline.run` like a
-``deepspeed``-launched rank; afterwards every rank reports its metrics and rank 0
+all-reduces share it. Each worker runs the same job function of
+:mod:`layerwise_dist.recipes.jobs` as a ``deepspeed``-launched rank, on the resolved
+config object the driver sends; afterwards every rank reports its metrics and rank 0
 hands the HF student folder to Ray as the run's checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, load_config, preset_path
+from .config import ConfigError, RunConfig, load_config
+from .ds_config import ds_config_path
+from .recipes.jobs import JOBS
 
 #: Config keys that hold filesystem paths. Ray workers run in another working
 #: directory (and on SLURM on other nodes), so the driver makes them absolute.
@@ -35,22 +38,28 @@ PATH_KEYS = (
 )
 
 
-def _get(cfg: RunConfig, key: str) -> Any:
-    node: Any = cfg
+def _with_value(cfg: Any, key: str, value: Any) -> Any:
+    """A copy of the (nested dataclass) config with ``key`` (dotted) set to ``value``."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: _with_value(getattr(cfg, head), rest, value)})
+
+
+def _get(cfg: Any, key: str) -> Any:
     for part in key.split("."):
-        node = getattr(node, part)
-    return node
+        cfg = getattr(cfg, part)
+    return cfg
 
 
-def absolute_path_overrides(cfg: RunConfig, base: Path | None = None) -> list[str]:
-    """``key="<absolute path>"`` for every relative path in cfg, resolved against base (default: cwd).
+def with_absolute_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
+    """cfg with every relative path made absolute against base (default: cwd).
 
     ``teacher.model`` is rewritten only when it names an existing local path (not
     ``tiny``, ``embedded:smollm2`` or a hub id); a relative ``sqlite:///`` tracking
     URI is made absolute too.
     """
     base = (base or Path.cwd()).resolve()
-    out = []
     for key in PATH_KEYS:
         value = _get(cfg, key)
         if not value:
@@ -58,39 +67,28 @@ def absolute_path_overrides(cfg: RunConfig, base: Path | None = None) -> list[st
         path = Path(value).expanduser()
         if key == "teacher.model" and not (base / path).exists():
             continue
+        if key == "ds_config":
+            path = ds_config_path(path)
         if not path.is_absolute():
-            # json.dumps gives a double-quoted YAML scalar: the override parser keeps it a string.
-            out.append(f"{key}={json.dumps(str(base / path))}")
+            cfg = _with_value(cfg, key, str(base / path))
     uri = cfg.tracking.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        out.append(f"tracking.tracking_uri={json.dumps('sqlite:///' + str(base / uri[len('sqlite:///') :]))}")
-    return out
+        cfg = _with_value(cfg, "tracking.tracking_uri", "sqlite:///" + str(base / uri[len("sqlite:///") :]))
+    return cfg
 
 
 def prepare_loop_config(
     command: str, preset: str = "default", overrides: list[str] | tuple[str, ...] = (), base: Path | None = None
 ) -> dict[str, Any]:
-    """Check the config on the driver (one clear error before any worker starts); paths made absolute.
+    """Resolve and check the config on the driver (one clear error before any worker starts).
 
-    Returns the ``train_loop_config`` every worker gets: command, preset, overrides.
+    Returns the ``train_loop_config`` every worker gets: the command and the resolved
+    :class:`RunConfig` itself (paths made absolute), which workers use as is.
     """
-    from .worker import COMMANDS
-
-    if command not in COMMANDS:
-        raise ConfigError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
-    base = (base or Path.cwd()).resolve()
-    preset_file = preset_path(preset)
-    if preset_file.suffix in (".yaml", ".yml") and not preset_file.is_absolute():
-        preset_file = base / preset_file
-    # A named preset stays a name (every node has the package); a YAML file travels as an absolute path.
-    preset_arg = str(preset_file) if Path(preset).suffix in (".yaml", ".yml") else preset
-    overrides = list(overrides)
-    cfg = load_config(preset_arg, overrides)
-    overrides += absolute_path_overrides(cfg, base)
-    cfg = load_config(preset_arg, overrides)
-    if not os.path.isfile(cfg.ds_config):
-        raise ConfigError(f"ds_config: {cfg.ds_config} does not exist")
-    return {"command": command, "preset": preset_arg, "overrides": overrides}
+    if command not in JOBS:
+        raise ConfigError(f"unknown command {command!r} (commands: {', '.join(JOBS)})")
+    cfg = with_absolute_paths(load_config(preset, list(overrides)), base)
+    return {"command": command, "config": cfg}
 
 
 def report_metrics(results: dict[str, Any], command: str) -> dict[str, Any]:
@@ -118,14 +116,11 @@ def train_func(config: dict[str, Any]) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     from .distributed import barrier, get_logger, is_main
-    from .pipeline import run
-    from .worker import COMMANDS
 
-    # Ray's TorchConfig already made the torch group; pipeline.setup -> init_distributed()
+    # Ray's TorchConfig already made the torch group; RunSession -> init_distributed()
     # has DeepSpeed wrap it (no second group), so ZeRO-3 sees the real world size.
-    command = config["command"]
-    cfg = load_config(config["preset"], list(config["overrides"]))
-    results = run(cfg, COMMANDS[command], evaluate_teacher=command != "distill")
+    command, cfg = config["command"], config["config"]
+    results = JOBS[command](cfg)
     # Rank 0 writes the student folder and results.json; every rank waits here so the
     # folder Ray copies is complete and no rank's report races ahead of the others.
     barrier()
@@ -175,7 +170,7 @@ def run_ray(
     loop_config = prepare_loop_config(command, preset, overrides)
     loop_config["cpu_threads"] = cpus_per_worker
     init_ray()
-    output_dir = Path(load_config(loop_config["preset"], loop_config["overrides"]).output_dir)
+    output_dir = Path(loop_config["config"].output_dir)
     env = {"PYTHONUNBUFFERED": "1"}
     if not use_gpu:
         env.update(OMP_NUM_THREADS=str(cpus_per_worker), MKL_NUM_THREADS=str(cpus_per_worker))

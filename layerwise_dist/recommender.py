@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from layerwise_dist.evaluation import _model_device, forward_scores
+from layerwise_dist.evaluation import forward_scores
+from layerwise_dist.models.util import model_device
 
 if TYPE_CHECKING:
     from layerwise_dist.data import SplitData
@@ -80,7 +81,7 @@ class BaseRecommender:
             model, tokenizer = self._load(model_name, quantization, model, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self._data: dict[str, SplitData] | None = None
         if data is not None:
             self._data = dict(data) if isinstance(data, Mapping) else {data.category: data}

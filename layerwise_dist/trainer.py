@@ -1,32 +1,35 @@
-"""Layerwise distillation of the student under a DeepSpeed engine.
+"""The distillation loop: the student under a DeepSpeed engine, the frozen teacher beside it.
 
 The loop reads top to bottom: ``setup`` (engine, optimizer, schedule, resume),
 then ``train`` (teacher forward without grad, student forward, loss, backward,
-step, log, validate, checkpoint), then ``save_student``.
+step, log, validate, checkpoint). Checkpoints live in
+:class:`layerwise_dist.checkpoint.CheckpointStore`, the Hugging Face export in
+:func:`layerwise_dist.export.export_student`, the data order in
+:class:`layerwise_dist.data.RankSampler`.
 
 Exact resume: the batch of every micro-step is a pure function of
-``(train.seed, epoch, position)``, so a resumed run needs only the step number
+``(train.seed, micro-step)``, so a resumed run needs only the step number
 (saved in the DeepSpeed checkpoint's client state with the RNG states) to see
 the same data in the same order as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointStore, TrainState
 from .config import ConfigError, RunConfig
-from .distributed import all_reduce_sum, barrier, get_logger, is_main, rank, world_size
+from .data.errors import DataError
+from .data.sampler import RankSampler, load_batch
+from .distributed import all_reduce_sum, get_logger, is_main, world_size
+from .export import export_student
 from .tracking import NullTracker
 
 log = get_logger()
@@ -61,70 +64,6 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.1):
     return fn
 
 
-def resolve_ds_config(path: str | Path, cfg: RunConfig, for_training: bool = True) -> dict[str, Any]:
-    """Read the DeepSpeed JSON and fill what the schema owns (batch sizes, clipping, precision).
-
-    A value the JSON sets explicitly and that disagrees with the schema is an error:
-    two sources of truth for the batch size is how runs silently differ.
-    """
-    from .precision import use_bf16
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ds_config: {path} does not exist")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"ds_config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise ConfigError(f"ds_config: cannot read {path} ({e.strerror})") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"ds_config: {path} must hold a JSON object")
-    t = cfg.train
-    owned = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size(),
-        "gradient_clipping": t.grad_clip,
-    }
-    for key, value in owned.items():
-        given = ds.get(key, "auto")
-        if given not in ("auto", value):
-            raise ConfigError(
-                f"ds_config: {path} sets {key}={given} but the run config gives {value}; "
-                f'set it to "auto" in the JSON or change train.* (train_batch_size = micro_batch_size * grad_accum * world_size)'
-            )
-        ds[key] = value
-    bf16 = use_bf16(t.precision)
-    ds.setdefault("bf16", {})
-    if ds["bf16"].get("enabled", "auto") == "auto":
-        ds["bf16"]["enabled"] = bf16
-    if ds.get("fp16", {}).get("enabled") is True:
-        raise ConfigError(f"ds_config: {path} enables fp16; this package trains in bf16 (CUDA) or fp32")
-    stage = ds.get("zero_optimization", {}).get("stage")
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"ds_config: {path} zero_optimization.stage must be 0-3; got {stage!r}")
-    opt = ds.get("optimizer")
-    if isinstance(opt, dict):  # e.g. DeepSpeedCPUAdam for ZeRO-Offload: fill its "auto" values too
-        params = opt.setdefault("params", {})
-        for key, value in (("lr", t.lr), ("weight_decay", t.weight_decay)):
-            if params.get(key, "auto") == "auto":
-                params[key] = value
-    ds.setdefault("steps_per_print", 10**9)
-    # We build a torch optimizer ourselves unless the JSON names one.
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    if not for_training:
-        for key in ("optimizer", "scheduler"):
-            ds.pop(key, None)
-    return ds
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
 class DistillationRunner:
     """Owns the student engine and the loop. Build with :meth:`setup`, run :meth:`train`."""
 
@@ -151,7 +90,7 @@ class DistillationRunner:
         self.tracker = tracker or NullTracker()
         self.tokenizer = tokenizer
         self.out = Path(cfg.output_dir)
-        self.ckpt_dir = self.out / "checkpoints"
+        self.checkpoints = CheckpointStore(self.out / "checkpoints", keep=2)
         self.state = TrainState()
         self.module = StudentWithAligner(student, loss_fn)
         self.engine = None
@@ -184,52 +123,15 @@ class DistillationRunner:
             config=self.ds_config,
         )
         if t.resume:
-            self._resume()
+            self.state = self.checkpoints.load(self.engine) or self.state
         return self
 
-    def _resume(self) -> None:
-        latest = self.ckpt_dir / "latest"
-        if not latest.exists():
-            log.warning("train.resume=true but no checkpoint in %s: starting at step 0", self.ckpt_dir)
-            return
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
-        if path is None:
-            raise RuntimeError(f"could not load the checkpoint named in {latest}")
-        self.state.step = int(client["step"])
-        self.state.history = list(client.get("history", []))
-        states = client.get("rng_cpu") or []
-        if len(states) == world_size():
-            torch.set_rng_state(states[rank()])
-        else:  # data order is still exact (a function of the step); only RNG-driven ops may differ
-            log.warning(
-                "checkpoint was written by %d ranks, this run has %d: RNG state not restored", len(states), world_size()
-            )
-        log.info("resumed from %s at step %d", path, self.state.step)
-
-    # ---------------------------------------------------------------- data
-    def _indices_for_step(self, step: int, micro: int) -> list[int]:
-        """Dataset indices of one micro-batch on this rank: a pure function of the step."""
+    def _sampler(self) -> RankSampler:
         t = self.cfg.train
-        per_rank = len(self.train_data) // world_size()
-        per_micro = t.micro_batch_size
-        micro_per_epoch = per_rank // per_micro
-        if micro_per_epoch == 0:
-            raise ConfigError(
-                f"{len(self.train_data)} training examples cannot fill one micro-batch of {per_micro} on {world_size()} ranks"
-            )
-        global_micro = step * t.grad_accum + micro
-        epoch, pos = divmod(global_micro, micro_per_epoch)
-        gen = torch.Generator().manual_seed(t.seed * 1000003 + epoch)
-        order = torch.randperm(len(self.train_data), generator=gen).tolist()
-        mine = order[rank() * per_rank : (rank() + 1) * per_rank]  # same permutation on every rank
-        return mine[pos * per_micro : (pos + 1) * per_micro]
-
-    def _batch(self, indices: list[int], data: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from .data import collate
-
-        batch = collate([data[i] for i in indices], self.pad_token_id)
-        dev = self.engine.device
-        return {k: v.to(dev) for k, v in batch.items()}
+        try:
+            return RankSampler.for_rank(len(self.train_data), t.micro_batch_size, shuffle=True, seed=t.seed)
+        except DataError as e:
+            raise ConfigError(f"training data: {e}") from None
 
     # ---------------------------------------------------------------- loop
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -244,6 +146,7 @@ class DistillationRunner:
 
         t = self.cfg.train
         assert self.engine is not None, "call setup() first"
+        sampler = self._sampler()
         self.engine.train()
         bar = tqdm(
             total=t.max_steps, initial=self.state.step, desc="distill", disable=not is_main(), dynamic_ncols=True
@@ -254,8 +157,10 @@ class DistillationRunner:
             step = self.state.step
             sums: dict[str, float] = {}
             for micro in range(t.grad_accum):
-                batch = self._batch(self._indices_for_step(step, micro), self.train_data)
-                loss, parts = self._forward_loss(batch)
+                indices = sampler.batch(step * t.grad_accum + micro)
+                loss, parts = self._forward_loss(
+                    load_batch(self.train_data, indices, self.pad_token_id, self.engine.device)
+                )
                 self._check_finite(step, loss, parts)
                 self.engine.backward(loss)
                 self.engine.step()
@@ -292,7 +197,7 @@ class DistillationRunner:
         if bad.item() > 0:
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             raise TrainingDivergedError(
-                f"non-finite loss at step {step + 1} ({shown}); last good checkpoint kept in {self.ckpt_dir}"
+                f"non-finite loss at step {step + 1} ({shown}); last good checkpoint kept in {self.checkpoints.folder}"
             )
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
@@ -304,83 +209,34 @@ class DistillationRunner:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean loss components on this rank's share of the validation examples, over all ranks."""
-        data = self.valid_data
-        n = len(data) // world_size()  # equal counts: ZeRO-3 forwards are collective
-        mb = self.cfg.train.micro_batch_size
-        mine = list(range(rank() * n, (rank() + 1) * n))
+        try:  # full batches only, the same count on every rank: ZeRO-3 forwards are collective
+            batches = RankSampler.for_rank(len(self.valid_data), self.cfg.train.micro_batch_size).epoch_batches()
+        except DataError:
+            return {}
         sums: dict[str, float] = {}
-        batches = 0
         self.engine.eval()
-        for i in range(0, len(mine) - mb + 1, mb):  # full batches only: same count on every rank
-            idx = mine[i : i + mb]
-            loss, parts = self._forward_loss(self._batch(idx, data))
+        for indices in batches:
+            loss, parts = self._forward_loss(
+                load_batch(self.valid_data, indices, self.pad_token_id, self.engine.device)
+            )
             for k, v in {"total": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            batches += 1
         self.engine.train()
-        if batches == 0:
-            return {}
-        metrics = self._mean_over_ranks({k: v / batches for k, v in sums.items()})
+        metrics = self._mean_over_ranks({k: v / len(batches) for k, v in sums.items()})
         self.tracker.log_metrics({f"valid/{k}": v for k, v in metrics.items()}, step=self.state.step)
         log.info("step %d validation: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
     # ---------------------------------------------------------------- saving
     def save_checkpoint(self) -> Path:
-        """DeepSpeed checkpoint + consolidated HF student, both crash-safe.
-
-        DeepSpeed writes the ``latest`` pointer only after every shard of the new
-        tag is on disk, so an interrupted save leaves the previous tag loadable;
-        the HF folder is written beside the old one and swapped in by rename.
-        """
-        tag = f"step{self.state.step}"
-        rng = [None] * world_size()
-        rng[rank()] = torch.get_rng_state()
-        if world_size() > 1:
-            import torch.distributed as dist
-
-            dist.all_gather_object(rng, torch.get_rng_state())
-        client = {"step": self.state.step, "history": self.state.history, "rng_cpu": rng}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        """DeepSpeed checkpoint of the loop, then the consolidated HF student (collective)."""
+        path = self.checkpoints.save(self.engine, self.state)
         self.save_student(self.out / "student")
-        self._prune_checkpoints(keep=2)
-        return self.ckpt_dir / tag
-
-    def _prune_checkpoints(self, keep: int) -> None:
-        if not is_main():
-            return
-        latest = (self.ckpt_dir / "latest").read_text().strip() if (self.ckpt_dir / "latest").exists() else ""
-        tags = sorted(
-            (p for p in self.ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]), reverse=True
-        )
-        for p in tags[keep:]:
-            if p.name != latest:
-                shutil.rmtree(p, ignore_errors=True)
+        return path
 
     def save_student(self, folder: Path) -> Path:
         """Write the student as a standard HF model folder (gathered from ZeRO-3 shards)."""
-        engine = self.engine
-        if engine.zero_optimization_partition_weights():
-            state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
-        else:
-            state = engine.module.state_dict()
-        if is_main():
-            prefix = "student."
-            student_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            student = self.module.student
-            student.save_pretrained(tmp, state_dict=student_state, safe_serialization=True)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            old = folder.with_name(folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if folder.exists():
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return folder
+        return export_student(self.engine, self.module.student, folder, self.tokenizer, prefix="student.")
 
 
 class DistillationTrainer:
@@ -404,6 +260,7 @@ class DistillationTrainer:
         ds_config: str | Path | None = None,
     ) -> None:
         from .config import load_config
+        from .ds_config import resolve_ds_config
         from .losses import DistillationLoss, expose_layer_outputs
         from .models.student import load_layer_map
         from .weighting import layer_weights
@@ -432,8 +289,6 @@ class DistillationTrainer:
 
         init_distributed()
         path = ds_config or self.cfg.ds_config
-        if not Path(path).is_file():  # an installed package run outside the repo: ship-independent default
-            path = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json"
         self.runner = DistillationRunner(
             self.cfg,
             student_model,

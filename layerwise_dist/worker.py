@@ -1,8 +1,9 @@
-"""What each rank runs: parse the command line, load the config, run the stages.
+"""What each rank runs: the resolved config in, one job of :mod:`layerwise_dist.recipes.jobs` out.
 
 Started by the launchers (``deepspeed launchers/distill.py ...``), by
 ``layerwise-dist <command>`` (through the ``deepspeed`` launcher when
-``--nproc`` > 1) or by a Ray Train worker.
+``--nproc`` > 1, which hands every rank the config it already resolved as
+``--config <output_dir>/config.yaml``) or, in the same way, by a Ray Train worker.
 """
 
 from __future__ import annotations
@@ -10,26 +11,18 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
-from .config import help_text, load_config
-
-COMMANDS = {
-    "fisher": ("fisher",),
-    "distill": ("distill", "evaluate"),
-    "evaluate": ("evaluate",),
-    "pipeline": ("fisher", "distill", "evaluate"),
-}
-
-DESCRIPTIONS = {
-    "fisher": "measure the layerwise Fisher profile of the teacher (JSON + PNG in output_dir)",
-    "distill": "build the student from teacher layers, distil it, save it and score it on the test split",
-    "evaluate": "score teacher and student (output_dir/student) on the test split: HR@K, NDCG@K, MRR, latency, memory",
-    "pipeline": "the whole job: Fisher profile, distillation, evaluation of teacher and student, report, MLflow run",
-}
+from .config import RunConfig, help_text, load_config
+from .recipes.jobs import DESCRIPTIONS, JOBS
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", help="preset name (default, tiny) or a YAML file")
+    parser.add_argument(
+        "--config", default=None, help="a resolved config YAML (written by a run) used as is, instead of --preset"
+    )
     parser.add_argument("--ds_config", "--ds-config", default=None, help="DeepSpeed JSON (sets ds_config=...)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=20")
@@ -46,36 +39,67 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(command: str, args: argparse.Namespace):
+def resolve(args: argparse.Namespace) -> RunConfig:
+    """The run config from the command line: a preset (or a resolved YAML) plus overrides."""
     overrides = list(args.overrides)
     if args.ds_config:
         overrides.append(f"ds_config={args.ds_config}")
-    return load_config(args.preset, overrides)
+    return load_config(args.config or args.preset, overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def config_from_argv(command: str, argv: list[str]) -> RunConfig:
+    """Parse a launcher's command line (``--preset``/``--config``, ``--ds_config``, ``key=value``)."""
     # The deepspeed launcher puts --local_rank=N before our arguments.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: worker {{{','.join(COMMANDS)}}} [--preset P] [key=value ...]", file=sys.stderr)
-        return 2
-    command = argv[0]
-    args = build_parser(command).parse_args(argv[1:])
+    return resolve(build_parser(command).parse_args(argv))
+
+
+def run_job(job: Callable[[RunConfig], dict[str, Any]], cfg: RunConfig | Callable[[], RunConfig]) -> int:
+    """Run ``job`` on this rank: exit code 0, or 2 with one line on stderr for bad input."""
     # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per collective:
     # thousands of identical lines that bury the progress bars. Not ours to fix; keep the rest.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from .errors import KNOWN_ERRORS, one_line
 
     try:
-        cfg = resolve(command, args)
-        from .pipeline import run
-
-        run(cfg, COMMANDS[command], evaluate_teacher=command != "distill")
+        cfg = cfg() if callable(cfg) else cfg
+        results = job(cfg)
     except KNOWN_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
+    _print_summary(cfg, results)
     return 0
+
+
+def _print_summary(cfg: RunConfig, results: dict[str, Any]) -> None:
+    """Rank 0 prints the results table and where the report and the MLflow run are."""
+    from pathlib import Path
+
+    from .distributed import is_main
+
+    if not is_main():
+        return
+    out = Path(cfg.output_dir)
+    if "teacher" in results or "student" in results:
+        from .report import results_table
+
+        print("\n" + results_table(results))
+        print(f"\nreport: {out / 'report.md'}\nchart:  {out / 'report.png'}")
+    if cfg.tracking.enabled:
+        from .tracking import mlflow_ui_command
+
+        run_id = results.get("mlflow_run_id")
+        print(f"MLflow run: {run_id}  (open the UI: {mlflow_ui_command(out.parent)})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    if not argv or argv[0] not in JOBS:
+        print(f"usage: worker {{{','.join(JOBS)}}} [--preset P | --config FILE] [key=value ...]", file=sys.stderr)
+        return 2
+    command = argv[0]
+    return run_job(JOBS[command], lambda: config_from_argv(command, argv[1:]))
 
 
 if __name__ == "__main__":

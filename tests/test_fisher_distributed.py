@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,24 +12,18 @@ import pytest
 import torch
 from fisher_worker import CASES, make_examples
 
-from layerwise_dist.fisher import collate_examples, compute_fisher_profile
+from conftest import free_port
+from layerwise_dist.data import collate
+from layerwise_dist.fisher import compute_fisher_profile
 from layerwise_dist.models.tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_ranks(out: Path, extra: list[str]) -> list[dict]:
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        pytest.skip("the deepspeed launcher is not installed")
+    launcher = Path(sys.executable).parent / "deepspeed"  # a required dependency: missing fails, never skips
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [str(launcher), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd = [str(launcher), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cmd += ["tests/fisher_worker.py", "--out", str(out), "--num-examples", "8", "--batch-size", "2", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -51,7 +44,7 @@ def test_two_rank_zero3_nf4_profile_equals_one_rank(tmp_path):
     model = load_teacher(TeacherConfig(model=str(folder), quantization="nf4", placement="replicate"))
     assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
     examples = make_examples(8)
-    batches = [collate_examples(examples[i : i + 2]) for i in range(0, 8, 2)]
+    batches = [collate(examples[i : i + 2]) for i in range(0, 8, 2)]
     for form, labels in CASES:
         got = results[0]["profiles"][f"{form}/{labels}"]
         ref = compute_fisher_profile(model, batches, form, labels, seed=3, progress=False)
@@ -75,7 +68,7 @@ def test_two_rank_zero3_profile_equals_one_rank(tmp_path):
 
     model = tiny_llama(seed=0)
     examples = make_examples(8)
-    batches = [collate_examples(examples[i : i + 2]) for i in range(0, 8, 2)]
+    batches = [collate(examples[i : i + 2]) for i in range(0, 8, 2)]
     for form, labels in CASES:
         got = results[0]["profiles"][f"{form}/{labels}"]
         ref = compute_fisher_profile(model, batches, form, labels, seed=3, progress=False)

@@ -5,8 +5,8 @@
     splits = load_splits(cfg.data)                       # SplitData (train/valid/test/titles)
     examples = build_examples(splits, "train", cfg.data, tokenizer)
     ds = tokenize_examples(examples, tokenizer, cfg.data)   # cached datasets.Dataset
-    ds = shard(ds, rank, world_size, drop_remainder=True)
-    batch = collate([ds[i] for i in range(4)], tokenizer.pad_token_id)
+    for indices in RankSampler.for_rank(len(ds), batch_size=4):   # this rank's batches
+        batch = load_batch(ds, indices, tokenizer.pad_token_id)
 """
 
 from .errors import BadRows, DataError
@@ -14,6 +14,7 @@ from .examples import NegativeSampler, build_examples, stable_seed
 from .prepare import add_prepare_arguments, prepare, run_prepare
 from .prompts import LABELS, RankExample, encode, label_token_ids, render_prompt
 from .readers import category_from_filename, read_reviews, read_titles
+from .sampler import RankSampler, load_batch
 from .sources import (
     Amazon2023Source,
     BenchmarkCSVSource,
@@ -23,7 +24,7 @@ from .sources import (
     splits_from_source,
 )
 from .splits import InteractionTable, SplitData, build_splits
-from .tokenize import IGNORE_INDEX, collate, shard, tokenize_examples
+from .tokenize import IGNORE_INDEX, collate, tokenize_examples
 
 __all__ = [
     "LABELS",
@@ -37,6 +38,7 @@ __all__ = [
     "LLMRankSource",
     "NegativeSampler",
     "RankExample",
+    "RankSampler",
     "SplitData",
     "add_prepare_arguments",
     "build_examples",
@@ -45,13 +47,13 @@ __all__ = [
     "collate",
     "encode",
     "label_token_ids",
+    "load_batch",
     "load_splits",
     "prepare",
     "read_reviews",
     "read_titles",
     "render_prompt",
     "run_prepare",
-    "shard",
     "splits_from_source",
     "stable_seed",
     "tokenize_examples",

@@ -1,4 +1,4 @@
-"""Tokenized ranking examples (Hugging Face ``datasets``, cached), batching and rank shards."""
+"""Tokenized ranking examples (Hugging Face ``datasets``, cached) and batching."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ..config import DataConfig
 from .errors import DataError
@@ -17,7 +17,6 @@ from .prompts import LABELS, RankExample, has_chat_template, label_token_ids, re
 IGNORE_INDEX = -100
 FORMAT_VERSION = "1"
 COLUMNS = ("input_ids", "attention_mask", "labels", "answer_pos", "target_index", "candidate_token_ids")
-T = TypeVar("T")
 
 
 def default_cache_dir(cfg: DataConfig) -> Path:
@@ -126,51 +125,44 @@ def tokenize_examples(
     )
 
 
-def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-padded batch: ``input_ids`` padded with ``pad_token_id``, ``labels`` with -100,
-    ``attention_mask`` with 0; ``candidate_token_ids`` is ``[B, C]``."""
+def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Right-padded batch of tokenized examples (the one collate of every stage).
+
+    ``input_ids`` is padded with ``pad_token_id``, ``labels`` with -100 and
+    ``attention_mask`` with 0 (built from the lengths when the examples have none).
+    ``labels``, ``answer_pos``, ``target_index``, ``candidate_token_ids`` (``[B, C]``)
+    and ``example_id`` are carried when every example has them, so a plain
+    ``input_ids`` + ``labels`` dataset (e.g. for a Fisher pass) collates too.
+    """
     import torch
 
     if not features:
         raise DataError("collate got an empty batch")
-    widths = {len(f["candidate_token_ids"]) for f in features}
-    if len(widths) != 1:
-        raise DataError(f"a batch mixes examples with different candidate counts {sorted(widths)}")
     n = max(len(f["input_ids"]) for f in features)
 
     def pad(key: str, value: int) -> torch.Tensor:
         return torch.tensor([list(f[key]) + [value] * (n - len(f[key])) for f in features], dtype=torch.long)
 
-    return {
-        "input_ids": pad("input_ids", pad_token_id),
-        "attention_mask": pad("attention_mask", 0),
-        "labels": pad("labels", IGNORE_INDEX),
-        "answer_pos": torch.tensor([f["answer_pos"] for f in features], dtype=torch.long),
-        "target_index": torch.tensor([f["target_index"] for f in features], dtype=torch.long),
-        "candidate_token_ids": torch.tensor([list(f["candidate_token_ids"]) for f in features], dtype=torch.long),
-    }
+    def has(key: str) -> bool:
+        return all(key in f and f[key] is not None for f in features)
 
-
-def shard(data: T, rank: int, world_size: int, drop_remainder: bool) -> T:
-    """Rank ``rank``'s contiguous block of a list or ``datasets.Dataset`` (deterministic).
-
-    ``drop_remainder=True`` (training): every rank gets ``n // world_size`` examples,
-    the last ``n % world_size`` are dropped, so all ranks run the same number of
-    steps. ``drop_remainder=False`` (evaluation): nothing is dropped; the first
-    ``n % world_size`` ranks get one example more.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(f"shard needs 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
-    n = len(data)  # type: ignore[arg-type]
-    if drop_remainder:
-        per = n // world_size
-        if per == 0:
-            raise DataError(f"{n} examples cannot give each of {world_size} ranks one (drop_remainder)")
-        start, stop = rank * per, (rank + 1) * per
+    batch = {"input_ids": pad("input_ids", pad_token_id)}
+    if has("attention_mask"):
+        batch["attention_mask"] = pad("attention_mask", 0)
     else:
-        per, extra = divmod(n, world_size)
-        start = rank * per + min(rank, extra)
-        stop = start + per + (1 if rank < extra else 0)
-    if hasattr(data, "select"):
-        return data.select(range(start, stop))  # type: ignore[union-attr]
-    return data[start:stop]  # type: ignore[index]
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(f["input_ids"]) + [0] * (n - len(f["input_ids"])) for f in features], dtype=torch.long
+        )
+    if has("labels"):
+        batch["labels"] = pad("labels", IGNORE_INDEX)
+    for key in ("answer_pos", "target_index", "example_id"):
+        if has(key):
+            batch[key] = torch.tensor([int(f[key]) for f in features], dtype=torch.long)
+    if has("candidate_token_ids"):
+        widths = {len(f["candidate_token_ids"]) for f in features}
+        if len(widths) != 1:
+            raise DataError(f"a batch mixes examples with different candidate counts {sorted(widths)}")
+        batch["candidate_token_ids"] = torch.tensor(
+            [list(f["candidate_token_ids"]) for f in features], dtype=torch.long
+        )
+    return batch

@@ -151,16 +151,14 @@ class FisherProfile:
 
     def plot(self, path: str | Path) -> Path:
         """PNG: normalised Fisher per layer (attention/MLP stacked when split) and the two controls."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # the object API: no backend switch, no pyplot state
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         layers = list(range(self.num_layers))
         total = sum(self.scores) or 1.0
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.3 * self.num_layers + 3), 6), sharex=True)
+        fig = Figure(figsize=(max(6.0, 0.3 * self.num_layers + 3), 6))
+        ax1, ax2 = fig.subplots(2, 1, sharex=True)
         if self.module_scores:
             attn = [v / total for v in self.module_scores["attention"]]
             mlp = [v / total for v in self.module_scores["mlp"]]
@@ -179,5 +177,4 @@ class FisherProfile:
         ax2.set_ylabel("control")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         return path

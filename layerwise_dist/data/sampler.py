@@ -1,0 +1,108 @@
+"""The one data-parallel split of examples across ranks, for every stage.
+
+Fisher, training, validation and evaluation all take their batches from a
+:class:`RankSampler`. Two rules decide its shape:
+
+* ``equal_batches=True`` (Fisher, training, validation): every rank gets the same
+  number of full batches, because ZeRO-3 forwards are collective (a rank with one
+  batch more would wait forever for the others). The remainder is dropped.
+* ``equal_batches=False`` (evaluation of replicated models): every example is
+  scored exactly once; ranks may differ by a batch and the last batch may be short.
+
+With ``shuffle=True`` the order of an epoch is a permutation drawn from
+``(seed, epoch)`` only, identical on every rank, so batch ``i`` of the run is a
+pure function of the seed and ``i``: a resumed run needs only its step number to
+continue on exactly the data an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class RankSampler:
+    """This rank's batches of ``num_examples`` examples (indices into the dataset)."""
+
+    num_examples: int
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    equal_batches: bool = True
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise DataError(f"RankSampler needs 0 <= rank < world_size; got rank={self.rank}, world={self.world_size}")
+        if self.batch_size < 1:
+            raise DataError(f"RankSampler batch_size must be >= 1; got {self.batch_size}")
+        if self.equal_batches and self.batches_per_epoch == 0:
+            raise DataError(
+                f"{self.num_examples} examples cannot give each of {self.world_size} ranks "
+                f"a full batch of {self.batch_size}"
+            )
+
+    @classmethod
+    def for_rank(cls, num_examples: int, batch_size: int, **kwargs: Any) -> RankSampler:
+        """A sampler for this process's rank and world size (the process group, or a group of one)."""
+        from ..distributed import rank, world_size
+
+        return cls(num_examples, batch_size, rank=rank(), world_size=world_size(), **kwargs)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        if self.equal_batches:
+            return (self.num_examples // self.world_size) // self.batch_size
+        return -(-len(self._share(0)) // self.batch_size)
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_examples))
+        import torch
+
+        # The same permutation on every rank: each takes its own slice of it.
+        gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        return torch.randperm(self.num_examples, generator=gen).tolist()
+
+    def _share(self, epoch: int) -> list[int]:
+        order = self._order(epoch)
+        if self.equal_batches:
+            per = self.num_examples // self.world_size
+            return order[self.rank * per : (self.rank + 1) * per]
+        per = -(-self.num_examples // self.world_size)
+        return order[self.rank * per : min(self.num_examples, (self.rank + 1) * per)]
+
+    def epoch_batches(self, epoch: int = 0) -> list[list[int]]:
+        """Every batch of one epoch on this rank, in order."""
+        share = self._share(epoch)
+        bs = self.batch_size
+        batches = [share[i : i + bs] for i in range(0, len(share), bs)]
+        if self.equal_batches:
+            batches = batches[: self.batches_per_epoch]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.epoch_batches(0))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def batch(self, index: int) -> list[int]:
+        """Batch ``index`` counted from the start of the run over all epochs (for step-indexed loops)."""
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        return self.epoch_batches(epoch)[pos]
+
+
+def load_batch(data: Sequence[dict[str, Any]], indices: Sequence[int], pad_token_id: int, device: Any = None) -> dict:
+    """Collate the examples at ``indices`` into one padded batch, moved to ``device`` when given."""
+    from .tokenize import collate
+
+    batch = collate([data[i] for i in indices], pad_token_id)
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,133 @@
+"""Recipe: the student from chosen teacher layers, distilled under a DeepSpeed engine."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from ..distributed import get_logger, is_main
+from .fisher import FisherRecipe, needs_fisher
+from .session import RunSession
+
+log = get_logger()
+
+
+class DistillRecipe:
+    """``setup`` (profile, student, layer weights, loss, engine) -> ``train`` -> ``save``."""
+
+    def __init__(self, session: RunSession, profile: Any = None) -> None:
+        self.session = session
+        self.cfg = session.cfg
+        self.profile = profile
+
+    def setup(self) -> DistillRecipe:
+        from transformers import AutoConfig
+
+        self.teacher_config = AutoConfig.from_pretrained(str(self._teacher_dir()))
+        if self.profile is None and needs_fisher(self.cfg):
+            fisher = FisherRecipe(self.session).setup()
+            fisher.run()
+            self.profile = fisher.save()
+        self.student, self.layer_map = self._setup_student()
+        self.weights = self._setup_weights()
+        self.runner = self._setup_runner()
+        return self
+
+    def _teacher_dir(self) -> Path:
+        from ..models.teacher import resolve_model_dir
+
+        return resolve_model_dir(self.cfg.teacher)
+
+    def _setup_student(self) -> tuple[Any, list[int]]:
+        from ..models.student import build_student, select_layers, validate_layer_map
+        from ..models.teacher import select_attn_implementation
+
+        cfg = self.cfg.student
+        n_teacher = self.teacher_config.num_hidden_layers
+        if cfg.model:
+            from transformers import AutoModelForCausalLM
+
+            if not cfg.layer_map:
+                raise ConfigError("student.model needs student.layer_map (student layer -> teacher layer)")
+            student = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+            layer_map = list(cfg.layer_map)
+        else:
+            scores = list(self.profile.scores) if self.profile is not None else None
+            layers = select_layers(cfg.selection, n_teacher, cfg.num_layers, fisher_scores=scores, layers=cfg.layers)
+            student, layer_map = build_student(self._teacher_dir(), layers, teacher_name=self.cfg.teacher.model)
+            if cfg.layer_map:
+                layer_map = list(cfg.layer_map)
+        validate_layer_map(layer_map, student.config.num_hidden_layers, n_teacher)
+        student.config.use_cache = False
+        student.config._attn_implementation = select_attn_implementation(self.cfg.teacher.attn_implementation)
+        return student, layer_map
+
+    def _setup_weights(self) -> list[float]:
+        from ..weighting import layer_weights
+
+        cfg = self.cfg.distill
+        scores = list(self.profile.scores) if self.profile is not None else None
+        weights = layer_weights(cfg.layer_weighting, self.layer_map, scores, temperature=cfg.weight_temperature)
+        log.info("student: teacher layers %s, alignment weights %s", self.layer_map, [round(w, 4) for w in weights])
+        self.session.tracker.log_params(
+            {"resolved.student_layers": self.layer_map, "resolved.layer_weights": [round(w, 5) for w in weights]}
+        )
+        if is_main():
+            (self.session.out / "layer_weights.json").write_text(
+                json.dumps({"layer_map": self.layer_map, "weights": weights}, indent=2)
+            )
+        return weights
+
+    def _setup_runner(self) -> Any:
+        from ..losses import DistillationLoss, expose_layer_outputs
+        from ..trainer import DistillationRunner
+
+        session, cfg = self.session, self.cfg
+        teacher = session.teacher.get(for_fisher=needs_fisher(cfg) and not cfg.fisher.profile)
+        # Raw decoder-layer outputs on both sides (HF puts the final norm's output last).
+        expose_layer_outputs(self.student)
+        expose_layer_outputs(session.teacher.module)
+        loss_fn = DistillationLoss(
+            cfg.distill, self.weights, self.layer_map, self.student.config.hidden_size, self.teacher_config.hidden_size
+        )
+        valid = session.examples("valid")
+        if cfg.train.valid_examples:
+            valid = valid.select(range(min(len(valid), cfg.train.valid_examples)))
+        return DistillationRunner(
+            cfg,
+            self.student,
+            teacher,
+            loss_fn,
+            session.examples("train"),
+            session.pad_token_id,
+            session.ds_config,
+            valid_data=valid,
+            tracker=session.tracker,
+            tokenizer=session.tokenizer,
+        ).setup()
+
+    def train(self) -> DistillRecipe:
+        t0 = time.perf_counter()
+        self.state = self.runner.train()
+        self.session.timings["distill_s"] = time.perf_counter() - t0
+        history = self.state.history
+        if history:
+            log.info(
+                "distillation loss %.4f -> %.4f over %d steps", history[0]["total"], history[-1]["total"], len(history)
+            )
+        return self
+
+    def save(self) -> Path:
+        """The training history (the student folder and checkpoint were written by the loop)."""
+        out = self.session.out
+        if is_main():
+            (out / "train_history.json").write_text(json.dumps(self.state.history, indent=2))
+            self.session.tracker.log_artifact(out / "train_history.json")
+        student_dir = out / "student"
+        self.session.results["student_dir"] = str(student_dir)
+        return student_dir

@@ -1,0 +1,186 @@
+"""What every recipe of one run shares on a rank: config, process group, data, tracker, the teacher."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..distributed import barrier, device, get_logger, init_distributed, is_main, rank, world_size
+from ..ds_config import resolve_ds_config
+
+log = get_logger()
+
+
+class TeacherHandle:
+    """The frozen teacher of this rank, loaded at most once per run.
+
+    ``teacher.placement=zero3``: a DeepSpeed engine holding this rank's shards (a Fisher
+    engine when the first user needs gradients: its norms train at lr 0 so that
+    ``engine.backward`` runs; a plain inference engine otherwise). ``replicate``: the
+    whole model on this rank's device. Whichever is built first serves every later stage.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self._model: Any = None
+        self.info: dict[str, Any] = {}
+        self.load_s = 0.0
+
+    def get(self, for_fisher: bool = False) -> Any:
+        if self._model is not None:
+            return self._model
+        import deepspeed
+
+        from ..fisher import make_fisher_engine
+        from ..models.teacher import load_teacher
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        ds = resolve_ds_config(cfg.ds_config, cfg, "inference")
+        model = load_teacher(cfg.teacher, ds if cfg.teacher.placement == "zero3" else None)
+        if cfg.teacher.placement == "zero3" and for_fisher:
+            # ZeRO-3 refuses loss.backward(); an engine whose norms train at lr 0 gives engine.backward.
+            engine = make_fisher_engine(model, ds)
+        elif cfg.teacher.placement == "zero3":
+            engine, *_ = deepspeed.initialize(model=model, config=ds)
+        else:
+            engine = model.to(device())
+        self.load_s = time.perf_counter() - t0
+        self.info = describe_placement(model)
+        log.info("teacher placement: %s", self.info)
+        self._model = engine
+        return engine
+
+    @property
+    def module(self) -> Any:
+        """The model inside the engine (for hooks); loads the teacher if needed."""
+        model = self.get()
+        return model.module if hasattr(model, "module") else model
+
+    def release(self) -> None:
+        self._model = None
+
+
+def describe_placement(model: torch.nn.Module) -> dict[str, Any]:
+    """How the teacher is held on this rank: quantized modules, ZeRO-3 partitioning, local share."""
+    quantized = sorted(
+        {type(m).__name__ for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+    )
+    params = list(model.parameters())
+    partitioned = bool(params) and all(hasattr(p, "ds_id") for p in params)
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return {
+        "quantized_modules": quantized,
+        "zero3_partitioned": partitioned,
+        "local_param_fraction": round(local / max(1, full), 4),
+        "world_size": world_size(),
+    }
+
+
+class RunSession:
+    """One run on this rank: ``with RunSession(cfg) as session: ...``.
+
+    Entering joins the process group, seeds, writes the resolved config and DeepSpeed
+    JSON (rank 0), loads tokenizer and splits, and opens the tracker run; leaving ends
+    the tracker run as FINISHED, or FAILED when an exception left the block.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.timings: dict[str, float] = {}
+        self.results: dict[str, Any] = {}
+        self.teacher = TeacherHandle(cfg)
+        self._datasets: dict[str, Any] = {}
+        self._t0 = time.perf_counter()
+        self.tracker: Any = None
+
+    def __enter__(self) -> RunSession:
+        from ..data import load_splits
+        from ..models.teacher import load_tokenizer
+        from ..tracking import make_tracker
+
+        cfg = self.cfg
+        init_distributed()
+        torch.manual_seed(cfg.train.seed)
+        self.ds_config = resolve_ds_config(cfg.ds_config, cfg, "train")
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+            (self.out / "ds_config.resolved.json").write_text(json.dumps(self.ds_config, indent=2))
+        barrier()
+        self.tokenizer = load_tokenizer(cfg.teacher)
+        self.splits = load_splits(cfg.data, progress=is_main())
+        self.tracker = make_tracker(
+            cfg.tracking, self.out.parent, run_name=cfg.tracking.run_name or self._run_name(), rank=rank()
+        )
+        self.tracker.log_params(cfg.to_dict())
+        self.tracker.set_tags(
+            {"world_size": str(world_size()), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        )
+        if is_main():
+            self.tracker.log_artifact(self.out / "config.yaml")
+            self.tracker.log_artifact(self.out / "ds_config.resolved.json")
+        log.info(
+            "run %s: %d ranks, data %s (%s users), teacher %s",
+            self.out,
+            world_size(),
+            cfg.data.source,
+            len(self.splits.test),
+            cfg.teacher.model,
+        )
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.end("FAILED" if exc_type is not None else "FINISHED")
+
+    def _run_name(self) -> str:
+        cfg = self.cfg
+        return f"{self.out.name}-{cfg.student.num_layers}L-{cfg.student.selection}-{cfg.distill.layer_weighting}"
+
+    def examples(self, split: str) -> Any:
+        """Tokenized examples of a split (cached by HF datasets across runs)."""
+        if split not in self._datasets:
+            from ..data import build_examples, tokenize_examples
+
+            cfg = self.cfg
+            examples = build_examples(self.splits, split, cfg.data, self.tokenizer)
+            if split in ("test", "valid") and cfg.eval.max_examples:
+                examples = examples[: cfg.eval.max_examples]
+            self._datasets[split] = tokenize_examples(
+                examples, self.tokenizer, cfg.data, cache_dir=cfg.data.cache_dir or None
+            )
+        return self._datasets[split]
+
+    @cached_property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def finish(self) -> dict[str, Any]:
+        """Timings and teacher placement into the results; rank 0 writes results.json and the report."""
+        from ..report import write_report
+
+        self.timings["total_s"] = time.perf_counter() - self._t0
+        if self.teacher.load_s:
+            self.timings["teacher_load_s"] = self.teacher.load_s
+        self.results["timings"] = self.timings
+        self.results["setup"] = {"teacher": self.teacher.info} if self.teacher.info else {}
+        self.results["mlflow_run_id"] = getattr(self.tracker, "run_id", None)
+        if is_main():
+            path = self.out / "results.json"
+            path.write_text(json.dumps(self.results, indent=2, default=str))
+            self.tracker.log_artifact(path)
+            if "teacher" in self.results or "student" in self.results:
+                md, png = write_report(self.results, self.out)
+                self.tracker.log_artifact(md)
+                self.tracker.log_artifact(png)
+                log.info("report: %s, chart: %s", md, png)
+        return self.results

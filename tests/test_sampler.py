@@ -1,0 +1,61 @@
+"""The one data-parallel layer: RankSampler, used by Fisher, training, validation and evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerwise_dist.data import DataError, RankSampler
+
+
+def _all_ranks(n: int, bs: int, world: int, **kw) -> list[list[list[int]]]:
+    return [RankSampler(n, bs, rank=r, world_size=world, **kw).epoch_batches() for r in range(world)]
+
+
+@pytest.mark.parametrize(("n", "bs", "world"), [(10, 2, 3), (16, 4, 2), (7, 1, 2), (33, 5, 4)])
+def test_equal_batches_same_count_disjoint_full(n, bs, world):
+    ranks = _all_ranks(n, bs, world)
+    counts = {len(b) for b in ranks}
+    assert counts == {(n // world) // bs}  # same number of batches on every rank (collective forwards)
+    assert all(len(batch) == bs for b in ranks for batch in b)  # full batches only
+    seen = [i for b in ranks for batch in b for i in batch]
+    assert len(seen) == len(set(seen)) and set(seen) <= set(range(n))
+
+
+@pytest.mark.parametrize(("n", "bs", "world"), [(10, 3, 3), (5, 4, 2), (1, 4, 2), (17, 4, 4), (0, 2, 2)])
+def test_evaluation_split_scores_every_example_once(n, bs, world):
+    ranks = _all_ranks(n, bs, world, equal_batches=False)
+    seen = [i for b in ranks for batch in b for i in batch]
+    assert seen == list(range(n))  # contiguous blocks in rank order, nothing dropped or repeated
+    assert all(0 < len(batch) <= bs for b in ranks for batch in b)
+
+
+def test_shuffle_same_permutation_on_every_rank_and_new_each_epoch():
+    n, bs, world, seed = 24, 3, 2, 7
+    samplers = [RankSampler(n, bs, rank=r, world_size=world, shuffle=True, seed=seed) for r in range(world)]
+    for epoch in range(3):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+        for r, s in enumerate(samplers):
+            flat = [i for batch in s.epoch_batches(epoch) for i in batch]
+            assert flat == perm[r * (n // world) : (r + 1) * (n // world)]
+    assert samplers[0].epoch_batches(0) != samplers[0].epoch_batches(1)
+
+
+def test_step_indexed_batches_run_across_epochs_and_resume_exactly():
+    s = RankSampler(10, 2, rank=1, world_size=2, shuffle=True, seed=3)
+    per_epoch = len(s)
+    assert per_epoch == 2  # 5 examples per rank -> 2 full batches, 1 dropped
+    run = [s.batch(i) for i in range(7)]
+    assert run[:per_epoch] == s.epoch_batches(0) and run[per_epoch : 2 * per_epoch] == s.epoch_batches(1)
+    # A resumed run rebuilds the sampler from the config and asks for the same step: same batch.
+    resumed = RankSampler(10, 2, rank=1, world_size=2, shuffle=True, seed=3)
+    assert [resumed.batch(i) for i in range(4, 7)] == run[4:7]
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(DataError, match="rank"):
+        RankSampler(10, 2, rank=2, world_size=2)
+    with pytest.raises(DataError, match="cannot give each of 2 ranks a full batch of 4"):
+        RankSampler(7, 4, rank=0, world_size=2)
+    with pytest.raises(DataError, match="batch_size"):
+        RankSampler(7, 0)
