@@ -42,6 +42,8 @@ KDMask = Literal["answer", "all"]
 Precision = Literal["auto", "bf16", "fp32"]
 EvalSplit = Literal["test", "valid"]
 ServeQuantization = Literal["teacher", "none", "nf4", "int8"]
+Formulation = Literal["listwise", "pointwise"]
+PointwiseScore = Literal["mean", "sum", "pmi"]
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,18 @@ class DataConfig:
     category: str = _f("All_Beauty", "Amazon Reviews 2023 category name, used in prompts and run names")
     kcore: int = _f(5, "iterative k-core: keep users and items with at least k interactions")
     history_len: int = _f(10, "number of most recent history titles shown in a prompt")
+    formulation: Formulation = _f(
+        "listwise",
+        "listwise (candidates behind letters, score = answer letter log-prob) or pointwise "
+        "(history as plain text, score = each candidate title's log-likelihood as the next item)",
+    )
+    pointwise_score: PointwiseScore = _f(
+        "mean",
+        "pointwise: mean (length-normalised) or sum of the title's token log-probs, or pmi (sum minus unconditional)",
+    )
+    category_phrase: str = _f(
+        "", "pointwise: plural noun phrase of the items in the prompt, e.g. 'video games' (default: from data.category)"
+    )
     num_candidates: int = _f(20, "candidates per prompt: the true next item plus num_candidates-1 negatives")
     title_max_tokens: int = _f(24, "each title is cut to this many tokens")
     negative_sampling: NegativeSampling = _f("uniform", "uniform or popularity sampling of negatives")
@@ -104,10 +118,12 @@ class DataConfig:
         _check_choices("data", self)
         for name in ("kcore", "history_len", "title_max_tokens", "max_length", "train_targets_per_user"):
             _positive("data", name, getattr(self, name))
-        if not 2 <= self.num_candidates <= 26:
+        if self.formulation == "listwise" and not 2 <= self.num_candidates <= 26:
             raise ConfigError(
                 f"data.num_candidates must be in [2, 26] (one letter label each); got {self.num_candidates}"
             )
+        if self.formulation == "pointwise" and not 2 <= self.num_candidates <= 1000:
+            raise ConfigError(f"data.num_candidates must be in [2, 1000]; got {self.num_candidates}")
         for name in ("max_train_examples", "max_eval_examples"):
             _positive("data", name, getattr(self, name), allow_zero=True)
         if self.source != "embedded" and not self.reviews:
@@ -204,15 +220,61 @@ class DistillConfig:
     weight_temperature: float = _f(1.0, "fisher weighting: weights ~ profile^(1/temperature)")
     mask: KDMask = _f("answer", "answer (loss on answer tokens only) or all tokens")
     shared_vocab_only: bool = _f(False, "allow teacher/student vocabularies that differ: KD on the shared prefix only")
+    list_kd_weight: float = _f(
+        1.0, "pointwise: weight of list-level KD (KL of the teacher's softmax over candidate scores to the student's)"
+    )
+    list_temperature: float = _f(1.0, "pointwise: temperature of the softmax over candidate scores in list-level KD")
 
     def __post_init__(self) -> None:
         _check_choices("distill", self)
-        for name in ("ce_weight", "kd_weight", "align_weight"):
+        for name in ("ce_weight", "kd_weight", "align_weight", "list_kd_weight"):
             _positive("distill", name, getattr(self, name), allow_zero=True)
         _positive("distill", "temperature", self.temperature)
+        _positive("distill", "list_temperature", self.list_temperature)
         _positive("distill", "weight_temperature", self.weight_temperature)
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ConfigError(f"distill.jsd_beta must be in [0, 1]; got {self.jsd_beta}")
+
+
+@dataclass
+class AdaptConfig:
+    """Teacher adaptation: LoRA adapters (QLoRA on a 4-bit base) trained on the task before Fisher and distillation."""
+
+    enabled: bool = _f(
+        False, "pipeline: adapt the teacher first; Fisher, student and evaluation then use the merged teacher"
+    )
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "names of the linear modules that get adapters",
+    )
+    quantized_base: bool = _f(
+        True, "QLoRA: the frozen base stays in teacher.quantization (4-bit) under ZeRO-3; false = full-precision base"
+    )
+    max_steps: int = _f(40, "optimizer steps of adaptation")
+    lr: float = _f(2e-4, "peak learning rate of the adapters")
+    micro_batch_size: int = _f(4, "examples per rank per forward")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    warmup_steps: int = _f(2, "linear warmup steps before the cosine decay")
+    list_loss_weight: float = _f(
+        0.0, "pointwise: weight of an extra list-level CE over the candidates' scores (0 = title modelling only)"
+    )
+    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
+    max_train_examples: int = _f(0, "use at most this many training examples (0 = all)")
+    seed: int = _f(7, "seed of data order and adapter initialisation")
+
+    def __post_init__(self) -> None:
+        for name in ("lora_r", "lora_alpha", "max_steps", "micro_batch_size", "grad_accum"):
+            _positive("adapt", name, getattr(self, name))
+        _positive("adapt", "lr", self.lr)
+        for name in ("warmup_steps", "list_loss_weight", "save_every", "max_train_examples"):
+            _positive("adapt", name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"adapt.lora_dropout must be in [0, 1); got {self.lora_dropout}")
+        if not self.target_modules:
+            raise ConfigError("adapt.target_modules must name at least one module, e.g. [q_proj, v_proj]")
 
 
 @dataclass
@@ -305,6 +367,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     fisher: FisherConfig = field(default_factory=FisherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -427,14 +490,6 @@ def from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunCo
     for item in overrides or []:
         cfg = _merge(cfg, _override(item))
     return _to_object(cfg)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``data`` with ``key=value`` overrides applied and checked against the schema (prefer ``from_dict``)."""
-    cfg = _merge(_schema(), data)
-    for item in overrides:
-        cfg = _merge(cfg, _override(item))
-    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def preset_path(name: str) -> Path:
