@@ -77,6 +77,8 @@ def test_choice_aliases_are_the_field_types():
     expected = {
         ("data", "source"): "DataSource",
         ("data", "negative_sampling"): "NegativeSampling",
+        ("data", "formulation"): "Formulation",
+        ("data", "pointwise_score"): "PointwiseScore",
         ("teacher", "quantization"): "Quantization",
         ("teacher", "placement"): "Placement",
         ("teacher", "attn_implementation"): "AttnImplementation",
