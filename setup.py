@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["layerwise_dist", "layerwise_dist.*"]),
-    package_data={"layerwise_dist": ["presets/*.yaml", "_data/*", "_data/**/*"]},
+    package_data={"layerwise_dist": ["presets/*.yaml", "ds_configs/*.json", "_data/*", "_data/**/*"]},
     include_package_data=True,
     install_requires=[
         # torch and deepspeed are installed by the Makefile first: torch pinned to the

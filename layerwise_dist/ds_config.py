@@ -20,21 +20,23 @@ from .distributed import world_size
 Purpose = Literal["train", "inference"]
 
 
-#: The repository's ``ds_configs/`` folder (an editable install run from another directory finds it here).
-REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+#: The DeepSpeed JSONs shipped inside the package (the repository's ``ds_configs/`` links here).
+PACKAGE_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 
 
 def ds_config_path(path: str | Path) -> Path:
     """The JSON file named by ``ds_config``, or a ConfigError saying it is missing.
 
-    A relative path is looked up in the working directory first, then (for the shipped
-    ``ds_configs/<name>.json`` paths of the presets) beside the package.
+    A relative path is looked up in the working directory first, then, for the presets'
+    ``ds_configs/<name>.json``, among the JSONs shipped with the package, so an installed
+    package runs from any directory.
     """
     path = Path(path)
     if path.is_file():
         return path
-    if not path.is_absolute() and path.parts[:1] == ("ds_configs",) and (REPO_DS_CONFIGS.parent / path).is_file():
-        return REPO_DS_CONFIGS.parent / path
+    shipped = PACKAGE_DS_CONFIGS / path.name
+    if not path.is_absolute() and path.parts[:1] == ("ds_configs",) and len(path.parts) == 2 and shipped.is_file():
+        return shipped
     raise ConfigError(f"ds_config: {path} does not exist")
 
 

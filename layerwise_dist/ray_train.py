@@ -68,9 +68,11 @@ def with_absolute_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
         if key == "teacher.model" and not (base / path).exists():
             continue
         if key == "ds_config":
-            path = ds_config_path(path)
+            path = ds_config_path(path)  # the working directory's file, else the package's own copy
         if not path.is_absolute():
-            cfg = _with_value(cfg, key, str(base / path))
+            path = base / path
+        if str(path) != value:
+            cfg = _with_value(cfg, key, str(path))
     uri = cfg.tracking.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         cfg = _with_value(cfg, "tracking.tracking_uri", "sqlite:///" + str(base / uri[len("sqlite:///") :]))

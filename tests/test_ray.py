@@ -46,7 +46,8 @@ def test_loop_config_yaml_preset_travels_absolute(tmp_path, monkeypatch):
 
 def test_loop_config_errors_before_any_worker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ds_configs/zero3.json is not here: the package's own copy is used
-    assert prepare_loop_config("distill", "tiny")["config"].ds_config == str(REPO / "ds_configs/zero3.json")
+    shipped = REPO / "layerwise_dist" / "ds_configs" / "zero3.json"
+    assert prepare_loop_config("distill", "tiny")["config"].ds_config == str(shipped)
     with pytest.raises(ConfigError, match="ds_config: mine.json does not exist"):
         prepare_loop_config("distill", "tiny", ["ds_config=mine.json"])
     with pytest.raises(ConfigError, match="unknown command"):
