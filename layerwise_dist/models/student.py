@@ -135,7 +135,12 @@ def _dequantized(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Te
         quant_state = getattr(tensor, "quant_state", None)
         if quant_state is None:  # not yet quantized (never moved to a device): plain weights
             return tensor.detach().to(torch.float32).clone()
-        return bnbf.dequantize_4bit(tensor.data, quant_state).to(torch.float32)
+        data = tensor.data
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for its CPU kernel on the first
+            # forward; undo that on copies (the inverse mutates its arguments) before dequantizing.
+            data, quant_state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(quant_state))
+        return bnbf.dequantize_4bit(data, quant_state).to(torch.float32)
     if name == "weight" and type(module).__name__ == "Linear8bitLt":
         if tensor.dtype != torch.int8:  # fp16 weights kept (has_fp16_weights) or not yet quantized
             return tensor.detach().to(torch.float32).clone()
