@@ -105,6 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--preset", default="default")
     show.add_argument("--keys", action="store_true", help="list every key with its default and help")
     show.add_argument("overrides", nargs="*", metavar="key=value")
+    exp = sub.add_parser(
+        "export",
+        help="a DeepSpeed checkpoint folder -> a Hugging Face model folder (with a model card)",
+        description="Consolidate a DeepSpeed checkpoint (any ZeRO stage and rank count) into a HF model folder.",
+    )
+    exp.add_argument(
+        "checkpoint_dir", help="folder holding 'latest' and the tag folders, e.g. results/demo/checkpoints"
+    )
+    exp.add_argument("--out", required=True, help="the HF folder to write (replaced atomically)")
+    exp.add_argument("--tag", default=None, help="checkpoint tag, e.g. step40 (default: the one 'latest' names)")
+    exp.add_argument(
+        "--model-config", default=None, help="folder with the model's config.json/tokenizer (default: <run>/student)"
+    )
     rec = sub.add_parser("recommend", help="top-k items for a user from a saved model")
     rec.add_argument("--model", required=True, help="model folder (e.g. results/demo/student) or embedded:smollm2")
     rec.add_argument("--user", required=True, help="user_id")
@@ -136,8 +149,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "recommend":
         return _recommend(args)
+    if args.command == "export":
+        return _export(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .errors import KNOWN_ERRORS, one_line
+    from .export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint_dir, args.out, tag=args.tag, model_config=args.model_config)
+    except KNOWN_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"exported: {out}")
+    return 0
 
 
 def _recommend(args: argparse.Namespace) -> int:

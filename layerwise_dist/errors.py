@@ -8,6 +8,10 @@ from .config import ConfigError
 from .models.teacher import ModelLoadError
 
 
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported (missing folder, tag or model config, mismatched weights)."""
+
+
 def _known() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .losses import LossInputError
@@ -23,6 +27,7 @@ def _known() -> tuple[type[BaseException], ...]:
         WeightingError,
         LossInputError,
         TrainingDivergedError,
+        ExportError,
         FileNotFoundError,
         json.JSONDecodeError,
     )

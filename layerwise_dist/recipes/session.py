@@ -178,6 +178,11 @@ class RunSession:
             path = self.out / "results.json"
             path.write_text(json.dumps(self.results, indent=2, default=str))
             self.tracker.log_artifact(path)
+            student_dir = self.out / "student"
+            if (student_dir / "config.json").is_file():  # the model card gets the measured metrics
+                from ..export import write_model_card
+
+                write_model_card(student_dir, run_dir=self.out)
             if "teacher" in self.results or "student" in self.results:
                 md, png = write_report(self.results, self.out)
                 self.tracker.log_artifact(md)
