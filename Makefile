@@ -12,7 +12,7 @@ HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 TORCH_SPEC := $(if $(filter 1,$(HAS_CUDA)),torch,torch==2.13.0)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv demo test test-fast lint format clean mlflow-ui bench
+.PHONY: venv demo test test-fast lint format clean mlflow-ui bench slurm-deps
 
 venv: $(STAMP)
 
@@ -32,9 +32,25 @@ $(STAMP): setup.py Makefile
 demo: venv
 	$(BIN)/layerwise-dist pipeline --preset default --nproc 2
 
-test: venv
+test: venv slurm-deps
 	$(BIN)/ruff check layerwise_dist launchers tests benchmarks
 	$(BIN)/python -m pytest tests -m "not gpu" -q
+
+# The slurm tests (tests/test_slurm_scripts.py) start a one-node SLURM cluster: as root with apt-get,
+# install slurm-wlm and munge when missing. Never fails: without them the slurm tests skip and say why.
+slurm-deps:
+	@PATH="$$PATH:/usr/sbin:/sbin"; \
+	if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then \
+		echo "slurm-deps: slurm-wlm and munge are installed"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "slurm-deps: not root, slurm-wlm/munge not installed: the slurm tests will skip"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "slurm-deps: no apt-get, slurm-wlm/munge not installed: the slurm tests will skip"; \
+	else \
+		echo "slurm-deps: apt-get install slurm-wlm munge"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
+			|| echo "slurm-deps: installing slurm-wlm/munge failed: the slurm tests will skip"; \
+	fi
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -m "not distributed and not integration and not gpu" -q

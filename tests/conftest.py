@@ -1,4 +1,4 @@
-"""Shared test helpers: paths, the shared data folder, running the real launchers."""
+"""Shared test helpers: paths, free ports, running the real launchers."""
 
 from __future__ import annotations
 
@@ -8,25 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def shared_data_dir() -> Path | None:
-    """../shared/data beside the checkout (CI always has it; a user's clone may not)."""
-    env = os.environ.get("LD_SHARED_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data"
-    return path if path.is_dir() else None
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip("../shared/data is absent (a fresh clone without the shared data folder)")
-    return path
 
 
 def free_port() -> int:

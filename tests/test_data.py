@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -403,8 +404,15 @@ def test_examples_are_deterministic_and_well_formed(beauty: SplitData) -> None:
 
 
 def test_stable_seed_is_not_pythons_hash() -> None:
-    assert stable_seed(1234, "U1", "test", 3) == 8358341732669302957
+    # The documented derivation: blake2b, 8-byte digest read little-endian, of the parts' text joined by \x1f.
+    digest = hashlib.blake2b(b"1234\x1fU1\x1ftest\x1f3", digest_size=8).digest()
+    assert stable_seed(1234, "U1", "test", 3) == int.from_bytes(digest, "little")
     assert stable_seed(1234, "U1", "test", 3) != stable_seed(1234, "U1", "valid", 3)
+    # Unlike hash(), it does not move with the interpreter's string-hash seed.
+    code = "from layerwise_dist.data.examples import stable_seed; print(stable_seed(1234, 'U1', 'test', 3))"
+    env = {**os.environ, "PYTHONHASHSEED": "7" if os.environ.get("PYTHONHASHSEED") != "7" else "8"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == stable_seed(1234, "U1", "test", 3)
 
 
 def test_subset_is_seeded_and_nested_and_train_positions(beauty: SplitData) -> None:

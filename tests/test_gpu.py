@@ -15,16 +15,35 @@ pytestmark = [
 ]
 
 
-def test_gpu_choices():
-    from layerwise_dist.distributed import backend
-    from layerwise_dist.models.teacher import compute_dtype, select_attn_implementation
-    from layerwise_dist.precision import use_bf16
+def test_gpu_choices_reach_the_loaded_model(tmp_path):
+    """On CUDA the chosen backend, dtype and attention are the ones a real process group and model get."""
+    import torch.distributed as dist
 
-    assert backend() == "nccl"
-    assert compute_dtype() == torch.bfloat16
-    assert use_bf16("auto") is torch.cuda.is_bf16_supported()
-    expected = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-    assert select_attn_implementation("auto") == expected
+    from layerwise_dist.distributed import backend
+    from layerwise_dist.models.teacher import ModelLoadError, load_teacher
+
+    # backend(): NCCL, and a one-rank NCCL group really all-reduces a CUDA tensor.
+    dist.init_process_group(backend(), store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert dist.get_backend() == "nccl"
+        t = torch.full((3,), 2.0, device="cuda")
+        dist.all_reduce(t)
+        assert t.tolist() == [2.0, 2.0, 2.0]
+    finally:
+        dist.destroy_process_group()
+
+    # compute_dtype() and select_attn_implementation("auto"): what the loaded teacher really uses.
+    model = load_teacher(TeacherConfig(model="tiny", quantization="none", placement="replicate"))
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    assert model.config._attn_implementation == ("flash_attention_2" if has_flash else "sdpa")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model.to("cuda")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]], device="cuda")).logits
+    assert torch.isfinite(logits).all()
+    if not has_flash:
+        with pytest.raises(ModelLoadError, match="flash-attn"):
+            load_teacher(TeacherConfig(model="tiny", attn_implementation="flash_attention_2", placement="replicate"))
 
 
 def test_nf4_teacher_on_cuda_bf16():

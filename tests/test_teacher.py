@@ -1,4 +1,4 @@
-"""Teacher loading: source resolution, quantization settings, device-dependent choices (CPU side)."""
+"""Teacher loading: source resolution, what each quantization really loads, device-dependent choices (CPU side)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from layerwise_dist.models.teacher import (
     ModelLoadError,
     compute_dtype,
     load_teacher,
-    quantization_config,
     resolve_model_dir,
     select_attn_implementation,
 )
@@ -32,13 +31,14 @@ def test_cpu_fallbacks():
         use_bf16("bf16")
 
 
-def test_nf4_settings_let_zero3_partition():
-    q = quantization_config(TeacherConfig(quantization="nf4"), torch.bfloat16)
-    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
-    assert q.bnb_4bit_compute_dtype == torch.bfloat16
-    assert q.bnb_4bit_quant_storage == torch.bfloat16  # packed weights in the compute dtype: ZeRO-3 shards them
-    assert quantization_config(TeacherConfig(quantization="int8"), torch.float32).load_in_8bit
-    assert quantization_config(TeacherConfig(quantization="none"), torch.float32) is None
+@cpu_only
+def test_cpu_choices_reach_the_loaded_model():
+    """auto gives an sdpa fp32 model on CPU; asking for flash-attention fails before any weight is read."""
+    model = load_teacher(TeacherConfig(model="tiny", quantization="none", placement="replicate"))
+    assert model.config._attn_implementation == "sdpa"
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with pytest.raises(ModelLoadError, match="needs CUDA and the flash-attn package"):
+        load_teacher(TeacherConfig(model="tiny", attn_implementation="flash_attention_2", placement="replicate"))
 
 
 def test_resolve_errors(tmp_path):
@@ -53,12 +53,60 @@ def test_resolve_errors(tmp_path):
         resolve_model_dir(TeacherConfig(model="nobody-here/no-such-model-xyz"))
 
 
-def test_tiny_teacher_loads_nf4_frozen():
-    model = load_teacher(TeacherConfig(model="tiny", quantization="nf4", placement="replicate"))
-    kinds = {type(m).__name__ for m in model.modules()}
-    assert "Linear4bit" in kinds
-    assert not any(p.requires_grad for p in model.parameters())
-    assert not model.training
+def _load(quantization: str):
+    return load_teacher(TeacherConfig(model="tiny", quantization=quantization, placement="replicate"))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+IDS = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def test_nf4_teacher_is_really_nf4_double_quant_and_close_to_fp32():
+    """quantization=nf4: every decoder linear is a bitsandbytes Linear4bit whose weights sit on the NF4 grid,
+    with quantized block scales (double quant), packed in the compute dtype (ZeRO-3 can shard them);
+    the model stays frozen and its logits follow the fp32 teacher's."""
+    import bitsandbytes as bnb
+
+    q4, ref = _load("nf4"), _load("none")
+    assert not any(p.requires_grad for p in q4.parameters()) and not q4.training
+    ref_linears = {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)}
+    q4_linears = {n: m for n, m in q4.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert set(q4_linears) == set(ref_linears) - {"lm_head"}  # transformers keeps the output head in full precision
+    nf4_levels = bnb.functional.get_4bit_type("nf4", device="cpu")
+    for name, mod in q4_linears.items():
+        w, state, ref_w = mod.weight, mod.weight.quant_state, ref_linears[name].weight
+        assert w.quant_type == "nf4" and mod.compute_dtype == torch.float32
+        # Packed storage in the compute dtype: fp32 words of eight 4-bit codes, one code per weight.
+        assert w.dtype == torch.float32 and w.numel() * w.element_size() * 2 == ref_w.numel()
+        # Double quantization: the per-block absmax scales are themselves 8-bit with their own fp32 scales.
+        assert state.nested and state.absmax.dtype == torch.uint8 and state.state2.absmax.dtype == torch.float32
+        deq = bnb.functional.dequantize_4bit(w.data, state)
+        assert deq.shape == ref_w.shape
+        assert 0.01 < _rel(deq, ref_w) < 0.15, (name, _rel(deq, ref_w))  # really quantized, and close
+        # Each block of 64 is (its absmax) x (an NF4 level): scaled by the block's largest |value| it is on the grid.
+        blocks = deq.flatten().view(-1, state.blocksize)
+        on_grid = blocks / blocks.abs().amax(dim=1, keepdim=True)
+        assert (on_grid[..., None] - nf4_levels).abs().amin(dim=-1).max() < 1e-5, name
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
-    assert torch.isfinite(logits).all() and logits.dtype == torch.float32
+        logits, ref_logits = q4(input_ids=IDS).logits, ref(input_ids=IDS).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert 0.0 < _rel(logits, ref_logits) < 0.3, _rel(logits, ref_logits)
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), ref_logits.flatten(), dim=0) > 0.97
+
+
+def test_int8_and_none_teachers():
+    """int8: LLM.int8() linears with int8 weights, logits within a few percent; none: plain fp32 linears."""
+    import bitsandbytes as bnb
+
+    q8, ref = _load("int8"), _load("none")
+    ref_linears = {n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)}
+    q8_linears = {n: m for n, m in q8.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert set(q8_linears) == ref_linears - {"lm_head"}
+    assert all(m.weight.dtype == torch.int8 for m in q8_linears.values())
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in ref.modules())
+    with torch.no_grad():
+        logits, ref_logits = q8(input_ids=IDS).logits, ref(input_ids=IDS).logits
+    assert 0.0 < _rel(logits, ref_logits) < 0.05, _rel(logits, ref_logits)
