@@ -114,6 +114,27 @@ class DataConfig:
     seed: int = _f(1234, "seed of negative sampling and candidate shuffling (identical on every rank)")
     cache_dir: str = _f("", "Hugging Face datasets cache for tokenized examples (default: ~/.cache/layerwise_dist)")
 
+    #: The fields that decide the text a model sees: a saved student records them, every entry point reuses them.
+    PROMPT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "formulation",
+        "pointwise_score",
+        "category",
+        "category_phrase",
+        "history_len",
+        "title_max_tokens",
+        "num_candidates",
+        "max_length",
+    )
+
+    def prompt_settings(self) -> dict[str, Any]:
+        """What a saved model must carry to rebuild its prompts exactly."""
+        return {name: getattr(self, name) for name in self.PROMPT_FIELDS}
+
+    def with_prompt_settings(self, settings: dict[str, Any]) -> DataConfig:
+        """This data config with a model's recorded prompt settings (unknown keys are ignored)."""
+        known = {k: v for k, v in settings.items() if k in self.PROMPT_FIELDS}
+        return dataclasses.replace(self, **known)
+
     def __post_init__(self) -> None:
         _check_choices("data", self)
         for name in ("kcore", "history_len", "title_max_tokens", "max_length", "train_targets_per_user"):

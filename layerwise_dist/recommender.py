@@ -52,8 +52,10 @@ class BaseRecommender:
             or a mapping ``category -> SplitData``. Default: the split that
             ``data_config`` describes (the embedded All_Beauty sample), loaded on first use.
         model, tokenizer: ready objects instead of ``model_name``.
-        data_config: history length, candidates per prompt and title length (and the
-            data source when ``data`` is None); default ``DataConfig()``.
+        data_config: the data source when ``data`` is None, and the prompt settings (history
+            length, candidates per prompt, title length, formulation) for a model that does
+            not record its own; a student saved by this package records them in its config
+            (``layerwise_dist.prompt``), and those win. Default ``DataConfig()``.
         quantization: how to load ``model_name``: none, nf4 or int8.
         batch_size: prompts per forward.
     """
@@ -81,6 +83,9 @@ class BaseRecommender:
             model, tokenizer = self._load(model_name, quantization, model, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        recorded = (getattr(model.config, "layerwise_dist", None) or {}).get("prompt")
+        if recorded:  # a saved student: its own prompt settings, whatever the caller's data config says
+            self.data_config = self.data_config.with_prompt_settings(recorded)
         self.device = model_device(model)
         self._data: dict[str, SplitData] | None = None
         if data is not None:
@@ -141,6 +146,10 @@ class BaseRecommender:
         from layerwise_dist.data import RankExample, collate, encode, label_token_ids, render_prompt
         from layerwise_dist.data.prompts import TitleCutter
 
+        if self.data_config.formulation != "listwise":
+            raise RecommendError(
+                f"recommend serves the listwise formulation only; this model uses {self.data_config.formulation!r}"
+            )
         split = self._split(category)
         history, pool = self.candidates(user_id, category)
         if not pool:

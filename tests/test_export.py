@@ -27,6 +27,7 @@ def run_dir(tmp_path_factory):
             "distill.layer_weighting=linear",
             "train.max_steps=2",
             "eval.max_examples=4",
+            "data.history_len=3",
             "tracking.enabled=false",
             f"output_dir={run}",
         ]
@@ -72,3 +73,25 @@ def test_bad_export_input_is_one_line(run_dir, tmp_path, args, needle):
     out = run_cli(["export", *[a.format(tmp=tmp_path, run=run_dir) for a in args]])
     assert out.returncode == 2 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_and_api_recommend_the_same_items(run_dir):
+    """The student records its prompt settings (history_len=3 here, default 10): every entry point uses them."""
+    from layerwise_dist.config import load_config
+    from layerwise_dist.data import load_splits
+    from layerwise_dist.recommender import BaseRecommender
+
+    stored = json.loads((run_dir / "student" / "config.json").read_text())["layerwise_dist"]["prompt"]
+    assert stored["history_len"] == 3
+    splits = load_splits(load_config("tiny").data)
+    user = sorted(splits.train)[0]
+    rec = BaseRecommender(model_name=str(run_dir / "student"), data=splits)
+    assert rec.data_config.history_len == 3
+    api = [item["item_id"] for item in rec.recommend(user_id=user, category=splits.category, top_k=3)]
+    out = run_cli(
+        ["recommend", "--model", str(run_dir / "student"), "--preset", "tiny", "--user", user]
+        + ["--category", splits.category, "--top-k", "3"]
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    cli = [line.split()[1] for line in out.stdout.splitlines() if line[:2] in ("1.", "2.", "3.")]
+    assert cli == api and len(api) == 3

@@ -63,6 +63,10 @@ class DistillRecipe:
             if cfg.layer_map:
                 layer_map = list(cfg.layer_map)
         validate_layer_map(layer_map, student.config.num_hidden_layers, n_teacher)
+        # The saved student carries the prompt settings it was trained with: recommend and evaluate reuse them.
+        info = dict(getattr(student.config, "layerwise_dist", None) or {})
+        info["prompt"] = self.cfg.data.prompt_settings()
+        student.config.layerwise_dist = info
         student.config.use_cache = False
         student.config._attn_implementation = select_attn_implementation(self.cfg.teacher.attn_implementation)
         return student, layer_map
