@@ -27,6 +27,32 @@ def _default_nproc() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
+def _nproc_limit() -> tuple[int, str]:
+    """The most ranks this machine runs one per device: CUDA devices, or CPU cores without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "CUDA devices"
+    return os.cpu_count() or 1, "CPU cores"
+
+
+def _check_nproc(args: argparse.Namespace) -> int:
+    """``--nproc`` as given (1..N), or the default; a ConfigError names the limit and the override."""
+    from .config import ConfigError
+
+    if args.nproc is None:
+        return _default_nproc()
+    limit, what = _nproc_limit()
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1; got {args.nproc}")
+    if args.nproc > limit and not args.oversubscribe:
+        raise ConfigError(
+            f"--nproc {args.nproc} is more than the {limit} {what} of this machine; "
+            "add --oversubscribe to run several ranks per device/core anyway"
+        )
+    return args.nproc
+
+
 def _inside_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
 
@@ -37,18 +63,21 @@ def launch(command: str, args: argparse.Namespace) -> int:
     The ranks get the resolved config itself (``--config <output_dir>/config.yaml``), not
     the preset and overrides to parse again.
     """
-    from .config import ConfigError
     from .distributed import free_port
     from .ds_config import ds_config_path
+    from .errors import KNOWN_ERRORS, one_line
+    from .recipes.distill import check_student_choice
     from .worker import resolve, run_job
 
     try:
+        nproc = _check_nproc(args)
         cfg = resolve(args)
         ds_config_path(cfg.ds_config)
-    except ConfigError as e:
-        print(f"error: ConfigError: {e}", file=sys.stderr)
+        if command in ("distill", "pipeline"):
+            check_student_choice(cfg)  # before any rank starts and before the Fisher pass
+    except KNOWN_ERRORS as e:  # ConfigError included
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    nproc = args.nproc or _default_nproc()
     if nproc <= 1 or _inside_launcher():
         return run_job(JOBS[command], cfg)
     resolved = Path(cfg.output_dir) / "config.yaml"
@@ -89,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in JOBS:
         p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name])
         add_run_arguments(p)
-        p.add_argument("--nproc", type=int, default=0, help="ranks to start (default: CUDA devices, or 2 on CPU)")
+        p.add_argument(
+            "--nproc", type=int, default=None, help="ranks to start, 1..devices (default: CUDA devices, or 2 on CPU)"
+        )
+        p.add_argument(
+            "--oversubscribe",
+            action="store_true",
+            help="allow --nproc above the CUDA devices / CPU cores of this machine",
+        )
         p.add_argument("--master_port", type=int, default=0, help="rendezvous port (default: a free one)")
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -64,11 +64,8 @@ def file_kind(path: Path) -> str:
     raise DataError(f"{path}: unknown file type (expected .jsonl, .jsonl.gz, .parquet, .csv or .csv.gz)")
 
 
-def category_from_filename(path: Path) -> str | None:
-    """``All_Beauty`` from ``All_Beauty.jsonl.gz``, ``meta_All_Beauty.5core.csv``, ``All_Beauty.train.csv``...
-
-    Returns None unless the stem is one of the Amazon Reviews 2023 category names.
-    """
+def file_stem(path: Path) -> str:
+    """``Video_Games`` from ``Video_Games.jsonl.gz``, ``MyShop`` from ``MyShop.rating_only.csv`` (data suffixes off)."""
     stem = path.name
     changed = True
     while changed:
@@ -76,7 +73,15 @@ def category_from_filename(path: Path) -> str | None:
         for suffix in _SUFFIXES:
             if stem.endswith(suffix):
                 stem, changed = stem[: -len(suffix)], True
-    stem = stem.removeprefix("meta_")
+    return stem
+
+
+def category_from_filename(path: Path) -> str | None:
+    """``All_Beauty`` from ``All_Beauty.jsonl.gz``, ``meta_All_Beauty.5core.csv``, ``All_Beauty.train.csv``...
+
+    Returns None unless the stem is one of the Amazon Reviews 2023 category names.
+    """
+    stem = file_stem(path).removeprefix("meta_")
     return stem if stem in AMAZON2023_CATEGORIES else None
 
 
@@ -255,15 +260,31 @@ def read_reviews_csv(path: Path, bad: BadRows, progress: Callable[[int], None] |
             yield user, item, r, t
 
 
+def _intact(path: Path, rows: Iterator[Any]) -> Iterator[Any]:
+    """``rows``, with a truncated or corrupt file (gzip, parquet) turned into one DataError naming it."""
+    import zlib
+
+    try:
+        yield from rows
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({type(e).__name__}: {e})") from None
+    except OSError as e:  # pyarrow.ArrowInvalid/ArrowIOError for a damaged parquet row group are OSErrors
+        raise DataError(f"{path}: cannot read the file ({type(e).__name__}: {e})") from None
+
+
 def read_reviews(path: Path, bad: BadRows, progress: Callable[[int], None] | None = None) -> Iterator[Interaction]:
     """Dispatch on the file type: jsonl(.gz), parquet or csv(.gz)."""
     kind = file_kind(path)
     reader = {"jsonl": read_reviews_jsonl, "parquet": read_reviews_parquet, "csv": read_reviews_csv}[kind]
-    return reader(path, bad, progress)
+    return _intact(path, reader(path, bad, progress))
 
 
 def _meta_records(path: Path, bad: BadRows) -> Iterator[tuple[int, Any]]:
     """(line number, record dict) of a metadata file of any supported type."""
+    return _intact(path, _meta_records_of(path, bad))
+
+
+def _meta_records_of(path: Path, bad: BadRows) -> Iterator[tuple[int, Any]]:
     kind = file_kind(path)
     if kind == "jsonl":
         with open_binary(path) as f:

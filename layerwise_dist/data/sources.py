@@ -16,7 +16,15 @@ from typing import Any
 
 from ..config import DataConfig
 from .errors import BadRows, DataError, logger
-from .readers import Interaction, category_from_filename, file_kind, open_binary, read_reviews, read_titles
+from .readers import (
+    Interaction,
+    category_from_filename,
+    file_kind,
+    file_stem,
+    open_binary,
+    read_reviews,
+    read_titles,
+)
 from .splits import InteractionTable, SplitData, build_splits
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "_data" / "all_beauty"
@@ -94,8 +102,10 @@ class Amazon2023Source(InteractionSource):
             if not self.meta.is_file():
                 raise DataError(f"{self.meta}: no such metadata file")
         else:
-            c = self._file_category or fallback_category
-            self.meta = _find(path.parent, [f"meta_{c}.*", "meta_*"], "metadata (meta_<category>...)")
+            # The reviews file's own stem first (MyShop.jsonl.gz -> meta_MyShop.*), then the category.
+            names = dict.fromkeys([file_stem(path), self._file_category or fallback_category])
+            patterns = [f"meta_{n}.*" for n in names] + ["meta_*"]
+            self.meta = _find(path.parent, patterns, "metadata (meta_<reviews file stem>...)")
         file_kind(self.meta)
         self._main_categories: dict[str, int] = {}
 
@@ -217,8 +227,15 @@ def splits_from_source(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"reading {Path(source.files()[0]).name}", unit=" rows", unit_scale=True)
-    table.extend(source.interactions(bad_rows, bar.update if bar is not None else None))
+        # Shown after 1 s: a quick failure (a corrupt file) leaves only its error line.
+        bar = tqdm(desc=f"reading {Path(source.files()[0]).name}", unit=" rows", unit_scale=True, delay=1.0)
+    try:
+        table.extend(source.interactions(bad_rows, bar.update if bar is not None else None))
+    except BaseException:
+        if bar is not None:  # wipe the bar: the error is the one line left on the terminal
+            bar.leave = False
+            bar.close()
+        raise
     if bar is not None:
         bar.close()
     bad_rows.log()

@@ -156,10 +156,25 @@ def load_tokenizer(cfg: TeacherConfig):
     from transformers import AutoTokenizer
 
     folder = resolve_model_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if folder.is_dir() and not any((folder / n).is_file() for n in names):
+        raise ModelLoadError(
+            f"{folder}: no tokenizer files (none of {', '.join(names)}); save the model's tokenizer into that folder"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(
+            f"{folder}: the tokenizer does not load ({type(e).__name__}: {one_line_text(e)})"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def one_line_text(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def compute_dtype() -> torch.dtype:

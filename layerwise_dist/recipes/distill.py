@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -9,12 +10,61 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, RunConfig
 from ..distributed import get_logger, is_main
 from .fisher import FisherRecipe, needs_fisher
 from .session import RunSession
 
 log = get_logger()
+
+
+def check_student_choice(cfg: RunConfig) -> None:
+    """The student's layer choice and layer map against the teacher's config, before any expensive stage.
+
+    Reads only the teacher's ``config.json`` (and, for a separate ``student.model``, both
+    tokenizers): a bad choice is one line here, not a failure after the Fisher pass.
+    """
+    from transformers import AutoConfig
+
+    from ..models.student import StudentError, select_layers, validate_layer_map
+    from ..models.teacher import resolve_model_dir
+
+    n_teacher = AutoConfig.from_pretrained(str(resolve_model_dir(cfg.teacher))).num_hidden_layers
+    s = cfg.student
+    if s.model:
+        if not s.layer_map:
+            raise ConfigError("student.model needs student.layer_map (student layer -> teacher layer)")
+        n_student = AutoConfig.from_pretrained(s.model).num_hidden_layers
+        check_same_tokenizer(cfg)
+    else:
+        dummy = [1.0] * n_teacher  # fisher-topk: only the count matters before the profile exists
+        n_student = len(select_layers(s.selection, n_teacher, s.num_layers, fisher_scores=dummy, layers=s.layers))
+    if s.layer_map:
+        try:
+            validate_layer_map(list(s.layer_map), n_student, n_teacher)
+        except StudentError as e:
+            raise StudentError(f"student.layer_map: {e}") from None
+
+
+def check_same_tokenizer(cfg: RunConfig) -> None:
+    """A separate student model must read the teacher's tokens: same vocabulary and special tokens, by content."""
+    from ..models.student import StudentError
+    from ..models.teacher import load_tokenizer
+
+    teacher = load_tokenizer(cfg.teacher)
+    student = load_tokenizer(dataclasses.replace(cfg.teacher, model=cfg.student.model, gguf_file=""))
+    tv, sv = teacher.get_vocab(), student.get_vocab()
+    if tv != sv:
+        differ = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])[:3]
+        raise StudentError(
+            f"student.model {cfg.student.model}: its vocabulary differs from the teacher's "
+            f"({len(sv)} vs {len(tv)} tokens; e.g. {differ}): logit KD needs the same tokenizer"
+        )
+    ts, ss = teacher.special_tokens_map, student.special_tokens_map
+    if ts != ss:
+        raise StudentError(
+            f"student.model {cfg.student.model}: special tokens differ from the teacher's ({ss} vs {ts})"
+        )
 
 
 class DistillRecipe:
@@ -28,6 +78,7 @@ class DistillRecipe:
     def setup(self) -> DistillRecipe:
         from transformers import AutoConfig
 
+        check_student_choice(self.cfg)
         self.teacher_config = AutoConfig.from_pretrained(str(self._teacher_dir()))
         if self.profile is None and needs_fisher(self.cfg):
             fisher = FisherRecipe(self.session).setup()
