@@ -1,5 +1,9 @@
 """Distillation losses: task CE, logit KD (forward KL, reverse KL, JSD) and hidden-state alignment.
 
+Two objectives, one per ``data.formulation``: :class:`DistillationLoss` (listwise prompts, full logits
+[B, T, V]) and :class:`PointwiseDistillationLoss` (a packed batch of candidate titles, logits at the
+candidate positions only, plus list-level KD over the candidate scores); :func:`distillation_loss` picks one.
+
 Conventions (torchtune ``kd_losses`` style):
 
 - ``logits`` are ``[B, T, V]``; HF causal-LM convention: the logits at position ``t`` predict token ``t + 1``.
@@ -23,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from layerwise_dist.config import AlignLoss, DistillConfig, KDLoss, KDMask
+from layerwise_dist.config import AlignLoss, DistillConfig, KDLoss, KDMask, RunConfig
 from layerwise_dist.data.tokenize import IGNORE_INDEX
 from layerwise_dist.models.student import StudentError, validate_layer_map
+from layerwise_dist.pointwise import MASK_ATTN_IMPLEMENTATIONS, SCORE_MODES, PackedBatch
 
 
 class LossInputError(ValueError):
@@ -363,16 +368,12 @@ class DistillationLoss(nn.Module):
         v = min(v_s, v_t)
         return student_logits[..., :v], teacher_logits[..., :v]
 
-    def forward(self, student_out: Any, teacher_out: Any, batch: Mapping[str, torch.Tensor]) -> tuple:
-        """Returns ``(total, components)``; components hold detached fp32 scalars ``ce``, ``kd``, ``align``
-        and ``align_l<i>`` (unweighted alignment of student layer ``i``)."""
-        s_logits, t_logits = student_out.logits, teacher_out.logits.detach()
-        ce = self.ce(s_logits, batch["labels"])
-        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
-        kd = self.kd(s_kd, t_kd, token_mask(batch, self.cfg.mask))
-
+    def _alignment(
+        self, student_out: Any, teacher_out: Any, keep: torch.Tensor, reference: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``sum_l w_l * align_l`` over the tokens of ``keep`` [B, T], and the unweighted ``align_l<i>`` terms."""
         components: dict[str, torch.Tensor] = {}
-        align = s_logits.new_zeros((), dtype=torch.float32)
+        align = reference.new_zeros((), dtype=torch.float32)
         s_hidden = getattr(student_out, "hidden_states", None)
         t_hidden = getattr(teacher_out, "hidden_states", None)
         if self.cfg.align_weight > 0 and self.layer_map and (s_hidden is None or t_hidden is None):
@@ -388,11 +389,217 @@ class DistillationLoss(nn.Module):
                         f"student layer {i} and teacher layer {t_layer}: one is HF's post-norm hidden_states[-1], "
                         "the other a raw layer output; call layerwise_dist.losses.expose_layer_outputs(model) on both"
                     )
-            attention_mask = batch["attention_mask"]
             for i, (t_layer, w, loss) in enumerate(zip(self.layer_map, self.layer_weights, self.align)):
-                a_i = loss(s_hidden[i + 1], t_hidden[t_layer + 1].detach(), attention_mask)
+                a_i = loss(s_hidden[i + 1], t_hidden[t_layer + 1].detach(), keep)
                 components[f"align_l{i}"] = a_i.detach()
                 align = align + w * a_i
+        return align, components
+
+    def forward(self, student_out: Any, teacher_out: Any, batch: Mapping[str, torch.Tensor]) -> tuple:
+        """Returns ``(total, components)``; components hold detached fp32 scalars ``ce``, ``kd``, ``align``
+        and ``align_l<i>`` (unweighted alignment of student layer ``i``)."""
+        s_logits, t_logits = student_out.logits, teacher_out.logits.detach()
+        ce = self.ce(s_logits, batch["labels"])
+        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
+        kd = self.kd(s_kd, t_kd, token_mask(batch, self.cfg.mask))
+        align, per_layer = self._alignment(student_out, teacher_out, batch["attention_mask"], s_logits)
         total = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.align_weight * align
-        components = {"ce": ce.detach(), "kd": kd.detach(), "align": align.detach(), **components}
+        components = {"ce": ce.detach(), "kd": kd.detach(), "align": align.detach(), **per_layer}
         return total, components
+
+
+# --------------------------------------------------------------------------- pointwise
+
+
+def packed_logit_positions(packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, index)`` of a packed pointwise batch (:class:`layerwise_dist.pointwise.PackedBatch`).
+
+    ``keep`` [B, L] bool marks the U distinct positions whose next-token distribution predicts a candidate
+    token (a row's last prefix position predicts the first token of every candidate of its group, so U < N).
+    Passed as ``logits_to_keep``, it makes a Hugging Face causal LM apply its LM head at those U positions
+    only and return logits [U, V] in (row, position) order. ``index`` [N] is the row of those logits that
+    predicts each candidate token (``packed.token_target``).
+    """
+    rows, pos = packed.token_row, packed.token_pred_pos
+    width = packed.input_ids.shape[1]
+    keep = torch.zeros(packed.input_ids.shape, dtype=torch.bool, device=rows.device)
+    keep[rows, pos] = True
+    order = keep.flatten().cumsum(0) - 1
+    return keep, order[rows * width + pos]
+
+
+def packed_forward(model: Any, packed: PackedBatch, hf_model: nn.Module | None = None) -> Any:
+    """One forward of a packed pointwise batch: every hidden state, and logits [U, V] at the candidate positions.
+
+    ``model`` is a Hugging Face causal LM or anything forwarding its keyword arguments to one (a DeepSpeed
+    engine, the trainer's ``StudentWithAligner`` engine): the forward goes through it, so ZeRO-3 gathers the
+    parameters as in any forward. ``hf_model`` (default ``model``) is the causal LM itself, read for its dtype
+    (the additive block mask must match it) and its attention implementation (``eager`` or ``sdpa``: other
+    kernels ignore a 4D mask). Logits come from ``logits_to_keep`` = :func:`packed_logit_positions`'s ``keep``:
+    the LM head never runs at all L positions. With :func:`expose_layer_outputs` on the model, every
+    ``hidden_states`` entry is a raw decoder-layer output, as in the listwise path.
+    """
+    inner = model if hf_model is None else hf_model
+    impl = getattr(inner.config, "_attn_implementation", None)
+    if impl not in MASK_ATTN_IMPLEMENTATIONS:
+        raise LossInputError(
+            f"a packed pointwise batch needs an attention implementation that honours a 4D mask "
+            f"{MASK_ATTN_IMPLEMENTATIONS}; {type(inner).__name__} uses {impl!r} (load it with attn_implementation='sdpa')"
+        )
+    dtype = inner.get_input_embeddings().weight.dtype
+    keep, _ = packed_logit_positions(packed)
+    return model(
+        input_ids=packed.input_ids,
+        attention_mask=packed.additive_attention_mask(dtype).to(packed.input_ids.device),
+        position_ids=packed.position_ids,
+        logits_to_keep=keep,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+
+
+def _token_log_probs(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 ``log softmax(logits[index[k]])[targets[k]]`` -> [N], from logits [U, V] (no [N, V] copy)."""
+    logits = logits.float()
+    return logits[index, targets] - torch.logsumexp(logits, dim=-1)[index]
+
+
+class PointwiseDistillationLoss(DistillationLoss):
+    """The objective of the pointwise formulation, from one packed forward of student and teacher.
+
+    ``total = a * CE + b * KD + c * ListKD + align_weight * sum_l w_l * align_l`` with ``a = cfg.ce_weight``,
+    ``b = cfg.kd_weight``, ``c = cfg.list_kd_weight``. Both models ran :func:`packed_forward` on the same
+    ``batch["packed"]`` (user ``b``'s prefix and its ``C_b`` candidate titles in row ``b``); ``lp_c`` is the
+    fp32 log-prob of candidate ``c``'s tokens given its prefix, ``n_c`` their count, ``y_b`` =
+    ``batch["target_index"][b]``:
+
+    - ``CE = (1/B) sum_b -(1/n_{y_b}) sum_{k in y_b} lp_k``: the target title's mean token NLL given the
+      history (for one user, :class:`TaskCrossEntropy` on ``prefix + target title`` with labels on the title);
+    - ``KD``: ``cfg.kd_loss`` (forward KL with T^2 scaling by default, reverse KL, JSD) at temperature
+      ``cfg.temperature`` on the full vocabulary, averaged over the N candidate tokens of the batch, each at
+      the position that predicts it (as in C separate ``prefix + candidate`` sequences: the last prefix
+      position counts once per candidate);
+    - ``ListKD = (tau^2 / B) sum_b KL(softmax(s^T_b / tau) || softmax(s^S_b / tau))`` over the C_b candidate
+      scores, ``tau = cfg.list_temperature``; the score is ``score``: ``mean`` (mean token log-prob),
+      ``sum``, or ``pmi`` (sum given the history minus sum given the unconditional prefix: the packed batch
+      must hold that second group);
+    - ``align_l``: :class:`HiddenAlignmentLoss` between student layer ``l`` and teacher layer
+      ``layer_map[l]`` over the non-padding positions of the packed rows (prefix and candidate tokens).
+
+    Run both models on :meth:`scored_packed` of the collated batch (the unconditional group is dropped
+    unless the score is ``pmi``). Teacher outputs are detached; everything is fp32. ``cfg.mask`` must be ``answer`` (the candidates' title
+    tokens are the answer; ``all`` is a listwise option). Components: ``ce``, ``kd``, ``list_kd``, ``align``
+    and ``align_l<i>``.
+    """
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        layer_weights: Sequence[float],
+        layer_map: Sequence[int],
+        student_dim: int,
+        teacher_dim: int,
+        score: str = "mean",
+    ) -> None:
+        super().__init__(cfg, layer_weights, layer_map, student_dim, teacher_dim)
+        if score not in SCORE_MODES:
+            raise LossInputError(f"pointwise score must be one of {', '.join(SCORE_MODES)}; got {score!r}")
+        if cfg.mask != "answer":
+            raise LossInputError(
+                f"distill.mask={cfg.mask!r} is a listwise option; pointwise token KD covers the candidates' "
+                "title tokens (distill.mask=answer)"
+            )
+        self.score = score
+        self.list_temperature = _check_temperature(cfg.list_temperature)
+
+    def scored_packed(self, packed: PackedBatch) -> PackedBatch:
+        """The packed batch both models must run on: without the unconditional group unless the score is
+        ``pmi`` (``collate`` packs that group whenever the examples carry it)."""
+        return packed if self.score == "pmi" else packed.history_only()
+
+    def _scores(self, sums: torch.Tensor, counts: torch.Tensor, packed: PackedBatch) -> list[torch.Tensor]:
+        """Per user the [C_b] candidate scores from per-slot log-prob sums and token counts [S]."""
+        scores, start = [], 0
+        for n_cand in packed.num_candidates:
+            block = sums[start : start + packed.num_groups * n_cand].view(packed.num_groups, n_cand)
+            if self.score == "mean":
+                scores.append(block[0] / counts[start : start + n_cand])
+            elif self.score == "sum":
+                scores.append(block[0])
+            else:
+                scores.append(block[0] - block[1])
+            start += packed.num_groups * n_cand
+        return scores
+
+    def forward(self, student_out: Any, teacher_out: Any, batch: Mapping[str, Any]) -> tuple:
+        """Returns ``(total, components)``; components hold detached fp32 scalars."""
+        packed: PackedBatch = batch["packed"]
+        target = batch["target_index"]
+        if self.score == "pmi" and packed.num_groups != 2:
+            raise LossInputError("pointwise score 'pmi' needs packed batches with the unconditional-prefix group")
+        if self.score != "pmi" and packed.num_groups != 1:
+            raise LossInputError(
+                f"pointwise score {self.score!r} distils the history group only: run both models on "
+                "loss.scored_packed(packed), which drops the unconditional group"
+            )
+        keep, index = packed_logit_positions(packed)
+        kept = int(keep.sum())
+        s_logits, t_logits = student_out.logits, teacher_out.logits.detach()
+        for who, logits in (("student", s_logits), ("teacher", t_logits)):
+            if logits.dim() != 2 or logits.shape[0] != kept:
+                raise LossInputError(
+                    f"{who} logits {tuple(logits.shape)}: expected [{kept}, V], the positions that predict candidate "
+                    "tokens (run the model with layerwise_dist.losses.packed_forward)"
+                )
+        n_cand = torch.tensor(packed.num_candidates, device=target.device)
+        if target.shape != n_cand.shape or bool(((target < 0) | (target >= n_cand)).any()):
+            raise LossInputError(f"target_index {target.tolist()} out of range for {packed.num_candidates} candidates")
+
+        # Token-level KD on the candidate tokens (each at the position predicting it).
+        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
+        every = torch.ones((1, index.numel()), dtype=torch.bool, device=index.device)
+        kd = self.kd(s_kd[index][None], t_kd[index][None], every)
+
+        # Per-slot log-likelihoods of the candidates, then CE on the target and list-level KD on the scores.
+        num_slots = packed.slot_row.numel()
+        counts = torch.bincount(packed.token_slot, minlength=num_slots).float()
+        sums = {}
+        for who, logits in (("s", s_logits), ("t", t_logits)):
+            lp = _token_log_probs(logits, index, packed.token_target)
+            sums[who] = lp.new_zeros(num_slots).index_add(0, packed.token_slot, lp)
+        group_starts = torch.cumsum(packed.num_groups * n_cand, 0) - packed.num_groups * n_cand
+        target_slots = group_starts + target
+        ce = -(sums["s"][target_slots] / counts[target_slots]).mean()
+
+        tau = self.list_temperature
+        per_user = [
+            _kl_per_token(torch.log_softmax(t / tau, -1)[None], torch.log_softmax(s / tau, -1)[None])
+            for s, t in zip(self._scores(sums["s"], counts, packed), self._scores(sums["t"], counts, packed))
+        ]
+        list_kd = tau**2 * torch.cat(per_user).mean()
+
+        lengths = torch.tensor(packed.lengths, device=packed.input_ids.device)
+        real = torch.arange(packed.input_ids.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        align, per_layer = self._alignment(student_out, teacher_out, real, s_logits)
+        cfg = self.cfg
+        total = cfg.ce_weight * ce + cfg.kd_weight * kd + cfg.list_kd_weight * list_kd + cfg.align_weight * align
+        components = {
+            "ce": ce.detach(),
+            "kd": kd.detach(),
+            "list_kd": list_kd.detach(),
+            "align": align.detach(),
+            **per_layer,
+        }
+        return total, components
+
+
+def distillation_loss(
+    cfg: RunConfig, layer_weights: Sequence[float], layer_map: Sequence[int], student_dim: int, teacher_dim: int
+) -> DistillationLoss:
+    """The objective of ``cfg.data.formulation``: :class:`DistillationLoss` (listwise) or
+    :class:`PointwiseDistillationLoss` scoring by ``cfg.data.pointwise_score`` (pointwise)."""
+    if cfg.data.formulation == "pointwise":
+        return PointwiseDistillationLoss(
+            cfg.distill, layer_weights, layer_map, student_dim, teacher_dim, score=cfg.data.pointwise_score
+        )
+    return DistillationLoss(cfg.distill, layer_weights, layer_map, student_dim, teacher_dim)

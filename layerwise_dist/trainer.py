@@ -134,7 +134,32 @@ class DistillationRunner:
             raise ConfigError(f"training data: {e}") from None
 
     # ---------------------------------------------------------------- loop
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher forward without grad, student forward through the engine, then the loss.
+
+        A pointwise batch (with a ``packed`` entry) runs both models once on the packed candidates
+        (:func:`layerwise_dist.losses.packed_forward`: block mask, LM head at the candidate positions
+        only) into a :class:`~layerwise_dist.losses.PointwiseDistillationLoss`; a listwise batch runs
+        them on the prompts into a :class:`~layerwise_dist.losses.DistillationLoss`. Both forwards go
+        through the engines' top modules, so ZeRO-3 gathers and releases parameters as usual.
+        """
+        from .losses import PointwiseDistillationLoss, packed_forward
+
+        pointwise = isinstance(self.loss_fn, PointwiseDistillationLoss)
+        if ("packed" in batch) != pointwise:
+            raise ConfigError(
+                f"a {'pointwise' if 'packed' in batch else 'listwise'} batch reached a "
+                f"{type(self.loss_fn).__name__}: build the loss with layerwise_dist.losses.distillation_loss(cfg, ...) "
+                "so that it follows data.formulation"
+            )
+        if pointwise:
+            packed = self.loss_fn.scored_packed(batch["packed"])
+            batch = {**batch, "packed": packed}
+            teacher = self.teacher.module if hasattr(self.teacher, "module") else self.teacher
+            with torch.no_grad():
+                teacher_out = packed_forward(self.teacher, packed, teacher)
+            student_out = packed_forward(self.engine, packed, self.module.student)
+            return self.loss_fn(student_out, teacher_out, batch)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
             teacher_out = self.teacher(**inputs, output_hidden_states=True)
@@ -261,7 +286,7 @@ class DistillationTrainer:
     ) -> None:
         from .config import load_config
         from .ds_config import resolve_ds_config
-        from .losses import DistillationLoss, expose_layer_outputs
+        from .losses import distillation_loss, expose_layer_outputs
         from .models.student import load_layer_map
         from .weighting import layer_weights
 
@@ -278,8 +303,8 @@ class DistillationTrainer:
             )
         expose_layer_outputs(student_model)
         expose_layer_outputs(teacher_model)
-        loss_fn = DistillationLoss(
-            self.cfg.distill,
+        loss_fn = distillation_loss(
+            self.cfg,
             weights,
             self.layer_map,
             student_model.config.hidden_size,

@@ -279,3 +279,65 @@ def test_four_bit_gram_trick_equals_dequantized_brute_force(tmp_path):
     assert n4 == 7 * len(decoder_layers(q4))
     expected = brute_parameter(ref, batches)
     _close(prof.scores, expected.sum(1), 1e-4)
+
+
+def _pointwise_lm_examples(num: int, seed: int = 4, vocab: int = 256) -> list[dict]:
+    """Pointwise Fisher rows: history prefix + target title, labels on every title token (1 to 5 of them)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in range(num):
+        prefix = torch.randint(3, vocab, (int(torch.randint(4, 10, (1,), generator=gen)),), generator=gen).tolist()
+        title = torch.randint(3, vocab, (1 + n % 5,), generator=gen).tolist()
+        rows.append(
+            {
+                "input_ids": prefix + title,
+                "attention_mask": [1] * (len(prefix) + len(title)),
+                "labels": [-100] * len(prefix) + title,
+                "answer_pos": len(prefix) - 1,
+                "target_index": 0,
+                "prefix": prefix,
+                "title": title,
+            }
+        )
+    return rows
+
+
+def test_parameter_form_on_pointwise_title_batches_equals_brute_force(model):
+    """Pointwise Fisher label = the target title given the history: log p(y | x) sums every title token.
+
+    The oracle runs each unpadded ``prefix + title`` alone and takes per-example parameter gradients of
+    ``sum_k log p(title_k | prefix, title_<k)``; the separate-sequence scorer gives the same log-likelihood."""
+    from layerwise_dist.pointwise import score_candidates_separately
+
+    examples = _pointwise_lm_examples(5)
+    fields = ("input_ids", "attention_mask", "labels", "answer_pos", "target_index")
+    batches = [collate([{k: e[k] for k in fields} for e in examples[i : i + 2]], 0) for i in range(0, 5, 2)]
+    assert (batches[0]["attention_mask"] == 0).any() and {len(e["title"]) for e in examples} == {1, 2, 3, 4, 5}
+
+    ref = _with_grad(tiny_llama(seed=0))
+    layers = decoder_layers(ref)
+    expected = torch.zeros(len(layers), 2, dtype=torch.float64)
+    for e in examples:
+        ids = torch.tensor([e["prefix"] + e["title"]])
+        p = len(e["prefix"])
+        logp = F.log_softmax(ref(input_ids=ids).logits[0, p - 1 : -1].float(), -1)
+        title_logp = logp.gather(-1, torch.tensor(e["title"])[:, None]).sum()
+        separate = score_candidates_separately(ref, e["prefix"], [e["title"]], "sum")[0]
+        assert title_logp.item() == pytest.approx(separate.item(), rel=1e-5)
+        for idx, layer in enumerate(layers):
+            named = list(layer.named_parameters())
+            grads = torch.autograd.grad(title_logp, [q for _, q in named], retain_graph=True)
+            for (name, _), g in zip(named, grads):
+                expected[idx, 0 if name.startswith(ATTENTION_PREFIXES) else 1] += g.double().pow(2).sum()
+    expected /= len(examples)
+
+    with torch.no_grad():  # the batched log-likelihoods are the title log-likelihoods
+        batched = torch.cat([answer_log_probs(model, b) for b in batches])
+    singles = torch.stack([score_candidates_separately(model, e["prefix"], [e["title"]], "sum")[0] for e in examples])
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    for method in ("gram", "explicit"):
+        prof = compute_fisher_profile(model, batches, "parameter", "empirical", progress=False, linear_method=method)
+        _close(prof.scores, expected.sum(1), 1e-4)
+        _close(prof.module_scores["attention"], expected[:, 0], 1e-4)
+        _close(prof.module_scores["mlp"], expected[:, 1], 1e-4)
+        assert prof.num_examples == len(examples)

@@ -256,3 +256,371 @@ def test_expose_layer_outputs_on_real_models():
         handle.remove()
     with torch.no_grad():
         torch.testing.assert_close(student(ids, output_hidden_states=True).hidden_states[-1], plain_s.hidden_states[-1])
+
+
+# --------------------------------------------------------------------------- pointwise
+
+PV = 48  # vocabulary of the pointwise tiny models
+
+
+def _pointwise_users(seed: int = 0):
+    """Two users: prefix token ids, candidates' token ids (varied lengths and counts), target index."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, PV, (n,), generator=g).tolist()
+
+    prefixes = [ids(7), ids(5)]
+    candidates = [[ids(3), ids(1), ids(4)], [ids(2), ids(5), ids(2), ids(3)]]
+    return prefixes, candidates, torch.tensor([2, 1]), ids(4)  # the last: an unconditional prefix for pmi
+
+
+def _sharp(model, scale: float):
+    """Scale the LM head so that the random model's next-token distributions are far from uniform."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pointwise_models():
+    from layerwise_dist.losses import expose_layer_outputs
+    from layerwise_dist.models.student import build_student
+    from layerwise_dist.models.tiny import tiny_llama
+
+    teacher = _sharp(tiny_llama(vocab_size=PV, num_layers=4, seed=0), 8.0)
+    student, layer_map = build_student(teacher, [0, 3])
+    student.eval()
+    _sharp(student, 0.5)  # the student differs from the teacher in its last layer input and its head
+    for model in (teacher, student):
+        model.config._attn_implementation = "sdpa"
+        expose_layer_outputs(model)
+    return teacher, student, layer_map
+
+
+def _packed_batch(score: str = "mean"):
+    from layerwise_dist.pointwise import pack_candidates_batch
+
+    prefixes, candidates, target, uncond = _pointwise_users()
+    packed = pack_candidates_batch(prefixes, candidates, 0, uncond if score == "pmi" else None)
+    return {"packed": packed, "target_index": target}, prefixes, candidates, uncond
+
+
+def _separate_token_logits(model, prefix, cand) -> torch.Tensor:
+    """Logits [T, V] predicting the candidate's T tokens, from an ordinary forward of ``prefix + cand``."""
+    ids = torch.tensor([list(prefix) + list(cand)])
+    return model(input_ids=ids).logits[0, len(prefix) - 1 : -1]
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    p = torch.distributions.Categorical(logits=p_logits.double())
+    q = torch.distributions.Categorical(logits=q_logits.double())
+    return torch.distributions.kl_divergence(p, q)
+
+
+@pytest.mark.parametrize("score", ["mean", "sum", "pmi"])
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "reverse_kl"])
+def test_pointwise_terms_equal_their_definitions_on_separate_sequences(pointwise_models, score, kd_loss):
+    """Every term of the packed loss against C separate ``prefix + candidate`` forwards per user."""
+    from layerwise_dist.losses import PointwiseDistillationLoss, packed_forward
+    from layerwise_dist.pointwise import score_candidates_separately
+
+    teacher, student, layer_map = pointwise_models
+    temp, tau = 2.0, 3.0
+    cfg = DistillConfig(
+        ce_weight=0.7,
+        kd_weight=1.3,
+        list_kd_weight=0.9,
+        align_weight=0.4,
+        kd_loss=kd_loss,
+        temperature=temp,
+        list_temperature=tau,
+    )
+    loss = PointwiseDistillationLoss(cfg, [0.25, 0.75], layer_map, 64, 64, score=score)
+    batch, prefixes, candidates, uncond = _packed_batch(score)
+    with torch.no_grad():
+        total, comp = loss(packed_forward(student, batch["packed"]), packed_forward(teacher, batch["packed"]), batch)
+        # Brute force: one ordinary forward per (prefix, candidate), per model.
+        kd_terms, ce_terms, list_terms = [], [], []
+        for b, (prefix, cands) in enumerate(zip(prefixes, candidates)):
+            groups = [prefix] + ([uncond] if score == "pmi" else [])
+            token_lp = {"s": [[] for _ in groups], "t": [[] for _ in groups]}  # [group][candidate] -> [T_c]
+            for g, group_prefix in enumerate(groups):
+                for cand in cands:
+                    s_tok = _separate_token_logits(student, group_prefix, cand)
+                    t_tok = _separate_token_logits(teacher, group_prefix, cand)
+                    p_q = (t_tok, s_tok) if kd_loss == "forward_kl" else (s_tok, t_tok)
+                    kd_terms += list(temp**2 * _kl(p_q[0] / temp, p_q[1] / temp))  # every candidate token
+                    for who, z in (("s", s_tok), ("t", t_tok)):
+                        lp = F.log_softmax(z.double(), -1).gather(-1, torch.tensor(cand)[:, None]).squeeze(-1)
+                        token_lp[who][g].append(lp)
+            ce_terms.append(-token_lp["s"][0][int(batch["target_index"][b])].mean())
+            scores = {}
+            for who, model in (("s", student), ("t", teacher)):
+                sums = [torch.stack([lp.sum() for lp in group]) for group in token_lp[who]]
+                if score == "mean":
+                    scores[who] = torch.stack([lp.mean() for lp in token_lp[who][0]])
+                else:
+                    scores[who] = sums[0] if score == "sum" else sums[0] - sums[1]
+                # The same scores as the package's separate-sequence scorer.
+                reference = score_candidates_separately(model, prefix, cands, score, uncond if score == "pmi" else None)
+                torch.testing.assert_close(scores[who], reference.double(), rtol=1e-5, atol=1e-5)
+            list_terms.append(tau**2 * _kl(scores["t"] / tau, scores["s"] / tau))
+
+        # Alignment: per mapped layer, mean over the real (non-padding) positions of the packed rows.
+        packed = batch["packed"]
+        s_hidden = student(
+            input_ids=packed.input_ids,
+            attention_mask=packed.additive_attention_mask(torch.float32),
+            position_ids=packed.position_ids,
+            output_hidden_states=True,
+        ).hidden_states
+        t_hidden = teacher(
+            input_ids=packed.input_ids,
+            attention_mask=packed.additive_attention_mask(torch.float32),
+            position_ids=packed.position_ids,
+            output_hidden_states=True,
+        ).hidden_states
+        align_terms = []
+        for i, t_layer in enumerate(layer_map):
+            per_token = [
+                (
+                    (s_hidden[i + 1][b, j] - t_hidden[t_layer + 1][b, j]).pow(2).sum()
+                    / t_hidden[t_layer + 1][b, j].pow(2).sum()
+                )
+                for b in range(len(prefixes))
+                for j in range(packed.lengths[b])
+            ]
+            align_terms.append(torch.stack(per_token).mean())
+
+    n_tokens = len(packed.token_target)
+    assert len(kd_terms) == n_tokens and n_tokens == sum(map(len, sum(candidates, []))) * packed.num_groups
+    expected = {
+        "ce": torch.stack(ce_terms).mean(),
+        "kd": torch.stack(kd_terms).mean(),
+        "list_kd": torch.stack(list_terms).mean(),
+        "align_l0": align_terms[0],
+        "align_l1": align_terms[1],
+    }
+    expected["align"] = 0.25 * align_terms[0] + 0.75 * align_terms[1]
+    assert set(comp) == set(expected)
+    for key, value in expected.items():
+        assert comp[key].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), key
+        assert comp[key].dtype == torch.float32
+    assert comp["kd"].item() > 1e-3 and comp["list_kd"].item() > 1e-3 and comp["align_l1"].item() > 1e-3
+    weighted = 0.7 * expected["ce"] + 1.3 * expected["kd"] + 0.9 * expected["list_kd"] + 0.4 * expected["align"]
+    assert total.item() == pytest.approx(weighted.item(), rel=1e-4)
+
+
+def test_pointwise_loss_on_random_tensors_equals_a_per_token_loop():
+    """Random logits at the kept positions and random hidden states: the loss against plain loops."""
+    from layerwise_dist.losses import PointwiseDistillationLoss, packed_logit_positions
+
+    batch, prefixes, candidates, _ = _packed_batch("sum")
+    packed = batch["packed"]
+    keep, index = packed_logit_positions(packed)
+    # The kept positions, in (row, position) order, are exactly the distinct predicting positions.
+    kept = sorted({(int(r), int(p)) for r, p in zip(packed.token_row, packed.token_pred_pos)})
+    assert keep.nonzero().tolist() == [list(x) for x in kept]
+    g = torch.Generator().manual_seed(3)
+    u, length = len(kept), packed.input_ids.shape[1]
+    outs = [
+        SimpleNamespace(
+            logits=torch.randn(u, PV, generator=g) * 3,
+            hidden_states=tuple(torch.randn(2, length, 8, generator=g) for _ in range(layers + 1)),
+            raw_layer_outputs=True,
+        )
+        for layers in (2, 3)
+    ]
+    cfg = DistillConfig(kd_loss="jsd", jsd_beta=0.3, temperature=1.5, align_loss="cosine", list_temperature=3.0)
+    loss = PointwiseDistillationLoss(cfg, [0.5, 0.5], [1, 2], 8, 8, score="sum")
+    _, comp = loss(outs[0], outs[1], batch)
+
+    row_of = {pos: k for k, pos in enumerate(kept)}
+    s_logits, t_logits = outs[0].logits.double(), outs[1].logits.double()
+    jsd_terms, slot_lp = [], {"s": {}, "t": {}}
+    for k in range(len(packed.token_target)):
+        r = row_of[(int(packed.token_row[k]), int(packed.token_pred_pos[k]))]
+        assert int(index[k]) == r
+        p_s, p_t = F.softmax(s_logits[r] / 1.5, -1), F.softmax(t_logits[r] / 1.5, -1)
+        m = 0.3 * p_t + 0.7 * p_s
+        jsd_terms.append(1.5**2 * (0.3 * (p_t * (p_t / m).log()).sum() + 0.7 * (p_s * (p_s / m).log()).sum()))
+        slot = int(packed.token_slot[k])
+        for who, z in (("s", s_logits), ("t", t_logits)):
+            slot_lp[who][slot] = slot_lp[who].get(slot, 0.0) + F.log_softmax(z[r], -1)[packed.token_target[k]]
+    ce_terms, list_terms, slot = [], [], 0
+    for b, cands in enumerate(candidates):
+        s_scores = torch.stack([slot_lp["s"][slot + c] for c in range(len(cands))])
+        t_scores = torch.stack([slot_lp["t"][slot + c] for c in range(len(cands))])
+        y = int(batch["target_index"][b])
+        ce_terms.append(-s_scores[y] / len(cands[y]))
+        list_terms.append(9.0 * _kl(t_scores / 3.0, s_scores / 3.0))
+        slot += len(cands)
+    real = [(b, j) for b in range(2) for j in range(packed.lengths[b])]
+    align = [
+        torch.stack(
+            [
+                1 - F.cosine_similarity(outs[0].hidden_states[i + 1][b, j], outs[1].hidden_states[t + 1][b, j], 0)
+                for b, j in real
+            ]
+        ).mean()
+        for i, t in enumerate([1, 2])
+    ]
+    assert comp["kd"].item() == pytest.approx(torch.stack(jsd_terms).mean().item(), rel=1e-5)
+    assert comp["ce"].item() == pytest.approx(torch.stack(ce_terms).mean().item(), rel=1e-5)
+    assert comp["list_kd"].item() == pytest.approx(torch.stack(list_terms).mean().item(), rel=1e-4)
+    assert comp["align_l0"].item() == pytest.approx(align[0].item(), rel=1e-5)
+    assert comp["align_l1"].item() == pytest.approx(align[1].item(), rel=1e-5)
+    # Padding positions do not count: garbage there changes nothing.
+    for out in outs:
+        for h in out.hidden_states:
+            h[1, packed.lengths[1] :] = 1e4
+    assert loss(outs[0], outs[1], batch)[1]["align"].item() == pytest.approx(comp["align"].item(), rel=1e-6)
+
+
+def test_pointwise_student_equal_to_teacher_has_zero_kd_list_kd_and_align(pointwise_models):
+    from layerwise_dist.losses import PointwiseDistillationLoss, packed_forward
+
+    teacher, _, _ = pointwise_models
+    for score in ("mean", "sum", "pmi"):
+        batch = _packed_batch(score)[0]
+        with torch.no_grad():
+            out = packed_forward(teacher, batch["packed"])
+        loss = PointwiseDistillationLoss(DistillConfig(), [0.25] * 4, [0, 1, 2, 3], 64, 64, score=score)
+        total, comp = loss(out, out, batch)
+        assert comp["kd"].item() == pytest.approx(0.0, abs=1e-6)
+        assert comp["list_kd"].item() == pytest.approx(0.0, abs=1e-6)
+        assert comp["align"].item() == pytest.approx(0.0, abs=1e-6)
+        assert comp["ce"].item() > 0 and total.item() == pytest.approx(comp["ce"].item(), rel=1e-6)
+
+
+def test_pointwise_gradients_reach_the_student_only(pointwise_models):
+    from layerwise_dist.losses import PointwiseDistillationLoss, packed_forward
+
+    teacher, student, layer_map = pointwise_models
+    batch = _packed_batch("mean")[0]
+    for model in (teacher, student):
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(True)
+    try:
+        # The teacher forward is deliberately run with autograd on: the loss must still detach it.
+        t_out, s_out = packed_forward(teacher, batch["packed"]), packed_forward(student, batch["packed"])
+        cfg = DistillConfig(kd_weight=1.0, list_kd_weight=1.0, align_weight=1.0)
+        total, _ = PointwiseDistillationLoss(cfg, [0.5, 0.5], layer_map, 64, 64)(s_out, t_out, batch)
+        total.backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        for name, p in student.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        # Each term alone reaches the student's LM head (CE, KD, list KD) or its layers (alignment).
+        for part in ("ce", "kd", "list_kd"):
+            student.zero_grad(set_to_none=True)
+            only = DistillConfig(ce_weight=0.0, kd_weight=0.0, list_kd_weight=0.0, align_weight=0.0)
+            setattr(only, f"{part}_weight", 1.0)
+            s_out = packed_forward(student, batch["packed"])
+            PointwiseDistillationLoss(only, [0.5, 0.5], layer_map, 64, 64)(s_out, t_out, batch)[0].backward()
+            assert student.lm_head.weight.grad.abs().sum() > 0, part
+    finally:
+        for model in (teacher, student):
+            model.zero_grad(set_to_none=True)
+            model.requires_grad_(False)
+
+
+def test_pointwise_ce_and_kd_coincide_with_the_listwise_loss_on_prefix_plus_target(pointwise_models):
+    """One user: pointwise CE is the listwise TaskCrossEntropy of ``prefix + target title`` (labels on the title);
+    with the target as the only candidate, pointwise token KD is the listwise answer-masked KD of that sequence."""
+    from layerwise_dist.losses import PointwiseDistillationLoss, packed_forward
+    from layerwise_dist.pointwise import pack_candidates
+
+    teacher, student, layer_map = pointwise_models
+    prefixes, candidates, targets, _ = _pointwise_users()
+    cfg = DistillConfig(kd_loss="forward_kl", temperature=2.0)
+    for prefix, cands, y in zip(prefixes, candidates, targets.tolist()):
+        title = cands[y]
+        ids = torch.tensor([prefix + title])
+        labels = torch.tensor([[-100] * len(prefix) + title])
+        lm_batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            _, listwise = DistillationLoss(cfg, [0.5, 0.5], layer_map, 64, 64)(
+                student(input_ids=ids, output_hidden_states=True),
+                teacher(input_ids=ids, output_hidden_states=True),
+                lm_batch,
+            )
+            for cand_set, target in ((cands, y), ([title], 0)):
+                batch = {"packed": pack_candidates(prefix, cand_set), "target_index": torch.tensor([target])}
+                _, pointwise = PointwiseDistillationLoss(cfg, [0.5, 0.5], layer_map, 64, 64)(
+                    packed_forward(student, batch["packed"]), packed_forward(teacher, batch["packed"]), batch
+                )
+                assert pointwise["ce"].item() == pytest.approx(listwise["ce"].item(), rel=1e-5)
+        assert pointwise["kd"].item() == pytest.approx(listwise["kd"].item(), rel=1e-5)  # target-only candidate set
+        assert pointwise["list_kd"].item() == 0.0  # one candidate: both softmaxes are 1
+
+
+def test_packed_forward_applies_the_lm_head_at_candidate_positions_only(pointwise_models):
+    from layerwise_dist.losses import packed_forward, packed_logit_positions
+
+    teacher, _, _ = pointwise_models
+    packed = _packed_batch("pmi")[0]["packed"]
+    seen = []
+    handle = teacher.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            out = packed_forward(teacher, packed)
+    finally:
+        handle.remove()
+    keep, index = packed_logit_positions(packed)
+    u = int(keep.sum())
+    assert seen == [(u, 64)] and tuple(out.logits.shape) == (u, PV)
+    assert u < len(packed.token_target) < packed.input_ids.numel()
+    assert len(out.hidden_states) == 5 and getattr(out, "raw_layer_outputs", False)
+    # The kept logits are the ones of a full forward at those positions.
+    with torch.no_grad():
+        full = teacher(
+            input_ids=packed.input_ids,
+            attention_mask=packed.additive_attention_mask(torch.float32),
+            position_ids=packed.position_ids,
+        ).logits
+    torch.testing.assert_close(out.logits, full[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[index], full[packed.token_row, packed.token_pred_pos], rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_loss_refuses_inconsistent_inputs(pointwise_models):
+    from layerwise_dist.config import load_config
+    from layerwise_dist.losses import PointwiseDistillationLoss, distillation_loss, packed_forward
+    from layerwise_dist.models.tiny import tiny_llama
+
+    teacher, _, _ = pointwise_models
+    batch = _packed_batch("mean")[0]
+    with torch.no_grad():
+        out = packed_forward(teacher, batch["packed"])
+    with pytest.raises(LossInputError, match="unconditional"):
+        PointwiseDistillationLoss(DistillConfig(), [1.0], [0], 64, 64, score="pmi")(out, out, batch)
+    pmi_batch = _packed_batch("pmi")[0]
+    mean_loss = PointwiseDistillationLoss(DistillConfig(), [1.0], [0], 64, 64)
+    with pytest.raises(LossInputError, match="scored_packed"):  # mean/sum distil the history group only
+        mean_loss(out, out, pmi_batch)
+    assert mean_loss.scored_packed(pmi_batch["packed"]).num_groups == 1
+    assert (
+        PointwiseDistillationLoss(DistillConfig(), [1.0], [0], 64, 64, "pmi").scored_packed(pmi_batch["packed"])
+        is pmi_batch["packed"]
+    )
+    with pytest.raises(LossInputError, match="listwise option"):
+        PointwiseDistillationLoss(DistillConfig(mask="all"), [1.0], [0], 64, 64)
+    with pytest.raises(LossInputError, match="score must be one of"):
+        PointwiseDistillationLoss(DistillConfig(), [1.0], [0], 64, 64, score="max")
+    full = SimpleNamespace(logits=torch.zeros(2, 17, PV), hidden_states=out.hidden_states)
+    with pytest.raises(LossInputError, match="packed_forward"):
+        PointwiseDistillationLoss(DistillConfig(), [1.0], [0], 64, 64)(full, out, batch)
+    with pytest.raises(LossInputError, match="out of range"):
+        PointwiseDistillationLoss(DistillConfig(), [1.0], [0], 64, 64)(
+            out, out, {**batch, "target_index": torch.tensor([3, 4])}
+        )
+    flash = tiny_llama(vocab_size=PV, num_layers=1, attn_implementation="eager")
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(LossInputError, match="sdpa"):
+        packed_forward(flash, batch["packed"])
+    # The factory follows data.formulation and data.pointwise_score.
+    cfg = load_config("tiny", ["data.formulation=pointwise", "data.pointwise_score=pmi", "tracking.enabled=false"])
+    made = distillation_loss(cfg, [1.0], [0], 64, 64)
+    assert isinstance(made, PointwiseDistillationLoss) and made.score == "pmi"
+    listwise = distillation_loss(load_config("tiny", ["tracking.enabled=false"]), [1.0], [0], 64, 64)
+    assert type(listwise) is DistillationLoss
