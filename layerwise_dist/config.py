@@ -318,6 +318,9 @@ class TrainConfig:
         0,
         "end this run after N steps of the max_steps schedule, checkpointed (0 = run to max_steps); continue with resume=true, e.g. in time-limited cluster slots",
     )
+    save_on_signal: bool = _f(
+        True, "on SIGTERM/SIGINT, stop at the next step boundary and write a checkpoint before exiting (non-zero)"
+    )
     seed: int = _f(42, "seed of data order and initialisation")
     precision: Precision = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
 
