@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .recipes.jobs import DESCRIPTIONS, JOBS
@@ -63,7 +64,6 @@ def launch(command: str, args: argparse.Namespace) -> int:
     The ranks get the resolved config itself (``--config <output_dir>/config.yaml``), not
     the preset and overrides to parse again.
     """
-    from .distributed import free_port
     from .ds_config import ds_config_path
     from .errors import KNOWN_ERRORS, one_line
     from .recipes.distill import check_student_choice
@@ -78,8 +78,28 @@ def launch(command: str, args: argparse.Namespace) -> int:
     except KNOWN_ERRORS as e:  # ConfigError included
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    if nproc <= 1 or _inside_launcher():
+    if _inside_launcher():
         return run_job(JOBS[command], cfg)
+    from .runlock import TOKEN_ENV, RunLock
+
+    try:  # before anything is written into output_dir: a second run must not touch the first one's files
+        lock = RunLock(cfg.output_dir).acquire()
+    except KNOWN_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        os.environ[TOKEN_ENV] = lock.token  # the job's rank 0 recognises the lock as its own
+        if nproc <= 1:
+            return run_job(JOBS[command], cfg)
+        return _start_ranks(command, cfg, nproc, args)
+    finally:
+        lock.release()
+
+
+def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -> int:
+    """The real deepspeed launcher on 127.0.0.1, every rank given the resolved config file."""
+    from .distributed import free_port
+
     resolved = Path(cfg.output_dir) / "config.yaml"
     cfg.save(resolved)
     deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")

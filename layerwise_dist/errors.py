@@ -16,6 +16,7 @@ def _known() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .losses import LossInputError
     from .models.student import StudentError
+    from .runlock import RunLockedError
     from .trainer import TrainingDivergedError
     from .weighting import WeightingError
 
@@ -28,6 +29,7 @@ def _known() -> tuple[type[BaseException], ...]:
         LossInputError,
         TrainingDivergedError,
         ExportError,
+        RunLockedError,
         FileNotFoundError,
         json.JSONDecodeError,
     )

@@ -35,14 +35,41 @@ def export_student(
             tokenizer.save_pretrained(tmp)
         write_model_card(tmp, run_dir=folder.parent)
         make_group_readable(tmp)
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, folder)
     barrier()
     return folder
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    ok = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return ok
+
+
+def swap_in(new: Path, folder: Path) -> None:
+    """Put the finished folder ``new`` in place of ``folder`` with no moment where ``folder`` is missing.
+
+    An existing folder is exchanged with the new one in one atomic step (renameat2), then the
+    old contents are removed; where the kernel cannot exchange, a plain rename is used.
+    """
+    new, folder = Path(new), Path(folder)
+    if folder.exists() and _exchange(new, folder):
+        shutil.rmtree(new, ignore_errors=True)  # now holds the previous contents
+        return
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def make_group_readable(folder: str | Path) -> None:
@@ -112,8 +139,7 @@ def export_checkpoint(
         pass  # a config-only folder: the export is still a loadable model
     write_model_card(tmp, run_dir=checkpoint_dir.parent, source=f"{checkpoint_dir / tag}")
     make_group_readable(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    swap_in(tmp, out)
     return out
 
 
