@@ -401,6 +401,17 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+        if self.data.formulation == "pointwise" and self.teacher.attn_implementation == "flash_attention_2":
+            raise ConfigError(
+                "data.formulation=pointwise scores candidates in one packed sequence with a block attention mask, "
+                "which flash_attention_2 cannot take: use teacher.attn_implementation=sdpa (or auto)"
+            )
+
+    def model_attn_implementation(self) -> str:
+        """The attention implementation to request: ``auto`` resolves to sdpa for pointwise (block masks)."""
+        if self.data.formulation == "pointwise" and self.teacher.attn_implementation == "auto":
+            return "sdpa"
+        return self.teacher.attn_implementation
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -119,7 +119,7 @@ class DistillRecipe:
         info["prompt"] = self.cfg.data.prompt_settings()
         student.config.layerwise_dist = info
         student.config.use_cache = False
-        student.config._attn_implementation = select_attn_implementation(self.cfg.teacher.attn_implementation)
+        student.config._attn_implementation = select_attn_implementation(self.cfg.model_attn_implementation())
         return student, layer_map
 
     def _setup_weights(self) -> list[float]:
@@ -139,7 +139,7 @@ class DistillRecipe:
         return weights
 
     def _setup_runner(self) -> Any:
-        from ..losses import DistillationLoss, expose_layer_outputs
+        from ..losses import distillation_loss, expose_layer_outputs
         from ..trainer import DistillationRunner
 
         session, cfg = self.session, self.cfg
@@ -147,8 +147,8 @@ class DistillRecipe:
         # Raw decoder-layer outputs on both sides (HF puts the final norm's output last).
         expose_layer_outputs(self.student)
         expose_layer_outputs(session.teacher.module)
-        loss_fn = DistillationLoss(
-            cfg.distill, self.weights, self.layer_map, self.student.config.hidden_size, self.teacher_config.hidden_size
+        loss_fn = distillation_loss(  # the formulation's objective (listwise letters or pointwise titles)
+            cfg, self.weights, self.layer_map, self.student.config.hidden_size, self.teacher_config.hidden_size
         )
         valid = session.examples("valid")
         if cfg.train.valid_examples:
