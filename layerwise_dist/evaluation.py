@@ -16,6 +16,19 @@ gives all candidates the same score gets rank C, not 1.
 Batches are the data pipeline's dicts of tensors: ``input_ids`` [B,T],
 ``attention_mask`` [B,T] (right padding), ``answer_pos`` [B], ``target_index``
 [B], ``candidate_token_ids`` [B,C] (``labels`` is not used here).
+
+Pointwise batches (``data.formulation=pointwise``) carry ``packed`` instead of
+``candidate_token_ids``: every candidate's score is its title's log-likelihood as
+the next item, ``mean`` (per token), ``sum`` or ``pmi`` (``pointwise_score``),
+all candidates of a user scored in one packed forward
+(:func:`layerwise_dist.pointwise.packed_scores`).
+
+Uncertainty: :func:`evaluate_per_example` keeps every example's rank and scores
+(gathered from all ranks, in dataset order) and gives each metric a 95% percentile
+bootstrap interval over examples (:func:`bootstrap_ci`); on the valid and test
+splits each example is one user, so that is an interval over users.
+:func:`paired_bootstrap_ci` is the interval of the difference of two models scored
+on the same examples (resampling the pairs).
 """
 
 from __future__ import annotations
@@ -25,8 +38,10 @@ import os
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from layerwise_dist import distributed
@@ -152,8 +167,34 @@ def _logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def forward_scores(model: Any, batch: Mapping[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """Candidate scores [B, C] of one batch (no grad; the caller sets eval mode)."""
+def pointwise_forward_scores(model: Any, packed: Any, mode: str = "mean") -> torch.Tensor:
+    """Candidate scores [B, C] (fp32, CPU) of a packed pointwise batch: one forward.
+
+    ``model`` may be a DeepSpeed engine (its ``.module`` is used). Every row must
+    have the same number of candidates."""
+    from layerwise_dist.pointwise import packed_scores
+
+    inner = getattr(model, "module", model)
+    rows = packed_scores(inner, packed, mode)
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"a pointwise batch mixes candidate counts {sorted(widths)}")
+    return torch.stack(rows)
+
+
+def forward_scores(
+    model: Any,
+    batch: Mapping[str, Any],
+    device: torch.device | None = None,
+    pointwise_score: str = "mean",
+) -> torch.Tensor:
+    """Candidate scores [B, C] of one batch (no grad; the caller sets eval mode).
+
+    A batch with ``packed`` (pointwise) is scored by title likelihood with
+    ``pointwise_score`` (mean, sum or pmi); otherwise by the label letters' log-probs."""
+    if "packed" in batch:
+        with torch.no_grad():
+            return pointwise_forward_scores(model, batch["packed"], pointwise_score)
     device = device or model_device(model)
     ids, mask = _prompt_only(batch, device)
     with torch.no_grad():
@@ -161,47 +202,329 @@ def forward_scores(model: Any, batch: Mapping[str, torch.Tensor], device: torch.
     return candidate_scores(logits, batch)
 
 
-def evaluate_model(
-    model: Any,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    ks: Sequence[int] = (1, 5, 10),
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> dict[str, float | int]:
-    """Ranking metrics of ``model`` over ``batches``; global over ranks when distributed.
+def tokens_per_example(batch: Mapping[str, Any], pointwise_score: str = "mean") -> list[int]:
+    """Tokens each example's scoring forward processes, padding excluded.
 
-    ``model`` is anything called as ``model(input_ids=..., attention_mask=...)``
-    returning logits: a HF causal LM, or a DeepSpeed engine (or its ``.module``).
-    Each rank scores its own batches; with a process group of more than one rank
-    the per-rank sums (hits, NDCG, reciprocal ranks, n) are summed in a single
-    all-reduce, so every rank returns the same global metrics. Under ZeRO-3 the
-    forward itself gathers parameters collectively: every rank must then pass
-    the same number of batches, or the ranks hang.
+    Listwise: the prompt up to the answer position (``answer_pos + 1``). Pointwise:
+    the packed row (prefix once + every candidate's tokens; with ``pmi`` also the
+    unconditional prefix and the candidates again)."""
+    if "packed" in batch:
+        packed = batch["packed"]
+        return list(packed.lengths if pointwise_score == "pmi" else packed.history_only().lengths)
+    return [int(p) + 1 for p in batch["answer_pos"].tolist()]
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def _as_matrix(values: Any) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"bootstrap needs a non-empty vector of per-example values; got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("bootstrap values must be finite")
+    return arr
+
+
+def _bootstrap_means(matrix: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, M] column means of ``n_boot`` resamples (with replacement) of the rows of ``matrix`` [n, M].
+
+    One set of resampled row indices serves every column, so columns that are
+    metrics of the same examples (or a paired difference) are resampled together.
+    Drawn in chunks of about 4M indices, so memory stays bounded for large n."""
+    if not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}")
+    n = matrix.shape[0]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, (1 << 22) // n)
+    out = np.empty((n_boot, matrix.shape[1]), dtype=np.float64)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        out[start:stop] = matrix[idx].mean(axis=1)
+    return out
+
+
+def _percentiles(means: np.ndarray, level: float) -> list[tuple[float, float]]:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo = np.percentile(means, tail, axis=0)
+    hi = np.percentile(means, 100.0 - tail, axis=0)
+    return [(float(a), float(b)) for a, b in zip(lo, hi)]
+
+
+def bootstrap_ci(
+    per_example_values: Sequence[float] | np.ndarray | torch.Tensor,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``per_example_values``.
+
+    ``n_boot`` resamples of the n values with replacement (numpy PCG64 seeded with
+    ``seed``); the interval is the ``(1-level)/2`` and ``(1+level)/2`` percentiles
+    of the resampled means. A constant vector gives the point interval (c, c).
     """
+    if isinstance(per_example_values, torch.Tensor):
+        per_example_values = per_example_values.detach().cpu().double().numpy()
+    matrix = _as_matrix(per_example_values)
+    if matrix.shape[1] != 1:
+        raise ValueError(f"bootstrap_ci takes a vector of per-example values; got shape {matrix.shape}")
+    return _percentiles(_bootstrap_means(matrix, n_boot, seed), level)[0]
+
+
+def paired_bootstrap_ci(
+    a: Sequence[float] | np.ndarray | torch.Tensor,
+    b: Sequence[float] | np.ndarray | torch.Tensor,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(a) - mean(b) for two models' values on the SAME examples.
+
+    ``a[i]`` and ``b[i]`` are the same example's values (e.g. NDCG@10 of two
+    models): examples are resampled as pairs, so what both models find hard
+    cancels out. Identical vectors give (0, 0).
+    """
+    va = _as_matrix(a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else a)
+    vb = _as_matrix(b.detach().cpu().double().numpy() if isinstance(b, torch.Tensor) else b)
+    if va.shape != vb.shape or va.shape[1] != 1:
+        raise ValueError(f"paired bootstrap needs two vectors of the same length; got {va.shape} and {vb.shape}")
+    return _percentiles(_bootstrap_means(va - vb, n_boot, seed), level)[0]
+
+
+def metric_names(ks: Sequence[int]) -> list[str]:
+    """Metric keys in report order: hr@k..., ndcg@k..., mrr."""
+    return [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+
+
+def per_example_metrics(ranks: Sequence[int] | np.ndarray | torch.Tensor, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Each example's HR@K, NDCG@K and reciprocal rank from its 1-based target rank (fp64 arrays)."""
+    if isinstance(ranks, torch.Tensor):
+        ranks = ranks.detach().cpu().numpy()
+    r = np.asarray(ranks, dtype=np.float64)
+    if r.ndim != 1 or (r.size and r.min() < 1):
+        raise ValueError("ranks must be a vector of 1-based ranks")
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        out[f"hr@{k}"] = (r <= k).astype(np.float64)
+    for k in ks:
+        out[f"ndcg@{k}"] = np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+    out["mrr"] = 1.0 / r
+    return out
+
+
+def metric_intervals(
+    values: Mapping[str, np.ndarray], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Bootstrap interval of every metric's mean; all metrics share the resampled examples."""
+    names = list(values)
+    matrix = _as_matrix(np.stack([np.asarray(values[m], dtype=np.float64) for m in names], axis=1))
+    return dict(zip(names, _percentiles(_bootstrap_means(matrix, n_boot, seed), level)))
+
+
+@dataclass
+class EvalResult:
+    """Per-example results of one model (or baseline) on a list of examples, in dataset order.
+
+    * ``metrics``: what :func:`evaluate_model` returns (``hr@k``, ``ndcg@k``, ``mrr``, ``n``).
+    * ``intervals``: 95% (``level``) percentile bootstrap interval of each metric.
+    * ``values``: each example's value of each metric (fp64 arrays of length n).
+    * ``ranks`` [n] 1-based target ranks (ties against the target), ``scores`` [n, C]
+      (a list of [C_i] arrays when candidate counts differ),
+      ``target_index`` [n]: present for a scored model, ``None`` for an expectation
+      (the ``random`` baseline).
+    """
+
+    metrics: dict[str, float | int]
+    intervals: dict[str, tuple[float, float]]
+    values: dict[str, np.ndarray]
+    ks: list[int]
+    ranks: np.ndarray | None = None
+    scores: np.ndarray | list[np.ndarray] | None = None
+    target_index: np.ndarray | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    level: float = 0.95
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def top1(self) -> np.ndarray | None:
+        """Position of each example's highest-scored candidate (the first one on ties)."""
+        if self.scores is None:
+            return None
+        if isinstance(self.scores, np.ndarray):
+            return self.scores.argmax(axis=1)
+        return np.asarray([int(np.argmax(row)) for row in self.scores], dtype=np.int64)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly: the metrics, ``ci95`` ({metric: [low, high]}) and the bootstrap settings."""
+        return {
+            **self.metrics,
+            "ci95": {k: [lo, hi] for k, (lo, hi) in self.intervals.items()},
+            "bootstrap": {"n_boot": self.n_boot, "seed": self.seed, "level": self.level, "unit": "example"},
+            **self.extra,
+        }
+
+    def paired_difference(self, other: EvalResult, metric: str) -> dict[str, Any]:
+        """mean(self) - mean(other) of ``metric`` on the same examples, with its paired bootstrap interval."""
+        a, b = self.values[metric], other.values[metric]
+        if a.shape != b.shape:
+            raise ValueError(f"paired difference needs the same examples: {a.shape[0]} vs {b.shape[0]} values")
+        lo, hi = paired_bootstrap_ci(a, b, self.n_boot, self.seed, self.level)
+        return {"metric": metric, "difference": float(a.mean() - b.mean()), "ci95": [lo, hi], "n": int(a.shape[0])}
+
+
+def result_from_values(
+    values: Mapping[str, np.ndarray], ks: Sequence[int], n_boot: int = 1000, seed: int = 0, level: float = 0.95, **kw
+) -> EvalResult:
+    """An :class:`EvalResult` whose metrics are the means of per-example ``values`` (baselines)."""
     ks = _check_ks(ks)
+    values = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+    n = len(next(iter(values.values())))
+    if n == 0:
+        raise ValueError("no examples were scored: the evaluation data is empty")
+    metrics: dict[str, float | int] = {m: float(values[m].mean()) for m in metric_names(ks)}
+    metrics["n"] = n
+    return EvalResult(
+        metrics, metric_intervals(values, n_boot, seed, level), values, ks, n_boot=n_boot, seed=seed, level=level, **kw
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _gather_examples(local: dict[str, list]) -> dict[str, list]:
+    """Every rank's per-example lists concatenated in rank order (rank 0's first)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {key: [x for part in parts for x in part[key]] for key in local}
+
+
+def _run(
+    model: Any,
+    batches: Iterable[Mapping[str, Any]],
+    ks: list[int],
+    device: torch.device | str | None,
+    progress: bool,
+    pointwise_score: str,
+    keep: bool,
+) -> tuple[torch.Tensor, dict[str, list]]:
     device = torch.device(device) if device is not None else model_device(model)
     was_training = getattr(model, "training", False)
     model.eval()
     sums = torch.zeros(2 * len(ks) + 2, dtype=torch.float64)
+    local: dict[str, list] = {"ranks": [], "scores": [], "target_index": [], "tokens": []}
     log = distributed.get_logger()
     start = time.perf_counter()
     try:
         for i, batch in enumerate(batches):
-            sums += _metric_sums(forward_scores(model, batch, device), batch["target_index"], ks)
+            scores = forward_scores(model, batch, device, pointwise_score)
+            sums += _metric_sums(scores, batch["target_index"], ks)
+            if keep:
+                local["ranks"] += target_ranks(scores, batch["target_index"]).tolist()
+                local["scores"] += scores.float().cpu().tolist()
+                local["target_index"] += batch["target_index"].tolist()
+                local["tokens"] += tokens_per_example(batch, pointwise_score)
             if progress and (i + 1) % 10 == 0:
                 log.info("eval: %d batches, %d examples, %.1fs", i + 1, int(sums[-1]), time.perf_counter() - start)
     finally:
         if was_training:
             model.train()
-    # One all-reduce of sums (not a gather of per-example scores): the metrics are
-    # means, so summing numerators and the count over ranks gives them exactly.
+    # One all-reduce of sums for the averages: the metrics are means, so summing
+    # numerators and the count over ranks gives them exactly.
     distributed.all_reduce_sum(sums)
+    return sums, _gather_examples(local) if keep else local
+
+
+def _log_metrics(metrics: Mapping[str, Any]) -> None:
+    distributed.get_logger().info(
+        "eval: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    )
+
+
+def evaluate_model(
+    model: Any,
+    batches: Iterable[Mapping[str, Any]],
+    ks: Sequence[int] = (1, 5, 10),
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    pointwise_score: str = "mean",
+) -> dict[str, float | int]:
+    """Ranking metrics of ``model`` over ``batches``; global over ranks when distributed.
+
+    ``model`` is anything called as ``model(input_ids=..., attention_mask=...)``
+    returning logits: a HF causal LM, or a DeepSpeed engine (or its ``.module``).
+    Pointwise batches (with ``packed``) are scored by title likelihood with
+    ``pointwise_score`` (``data.pointwise_score``: mean, sum or pmi).
+    Each rank scores its own batches; with a process group of more than one rank
+    the per-rank sums (hits, NDCG, reciprocal ranks, n) are summed in a single
+    all-reduce, so every rank returns the same global metrics. Under ZeRO-3 the
+    forward itself gathers parameters collectively: every rank must then pass
+    the same number of batches, or the ranks hang. For intervals and per-example
+    ranks use :func:`evaluate_per_example`.
+    """
+    ks = _check_ks(ks)
+    sums, _ = _run(model, batches, ks, device, progress, pointwise_score, keep=False)
     metrics = _metrics_from_sums(sums, ks)
     if progress:
-        log.info(
-            "eval: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        )
+        _log_metrics(metrics)
     return metrics
+
+
+def evaluate_per_example(
+    model: Any,
+    batches: Iterable[Mapping[str, Any]],
+    ks: Sequence[int] = (1, 5, 10, 20),
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    pointwise_score: str = "mean",
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> EvalResult:
+    """:func:`evaluate_model` plus every example's rank and scores and a bootstrap interval per metric.
+
+    ``result.metrics`` equals what :func:`evaluate_model` returns on the same
+    batches. Distributed: each rank scores its own share, the sums are all-reduced
+    as in :func:`evaluate_model`, and the per-example ranks, scores and targets are
+    gathered to every rank (``all_gather_object``), concatenated rank by rank; with
+    :class:`~layerwise_dist.data.sampler.RankSampler` (``equal_batches=False``, no
+    shuffle) that is dataset order. The intervals are computed from the gathered
+    values, with the same seed on every rank, so every rank returns the same result.
+    """
+    ks = _check_ks(ks)
+    sums, gathered = _run(model, batches, ks, device, progress, pointwise_score, keep=True)
+    metrics = _metrics_from_sums(sums, ks)
+    ranks = np.asarray(gathered["ranks"], dtype=np.int64)
+    values = per_example_metrics(ranks, ks)
+    widths = {len(s) for s in gathered["scores"]}
+    if len(widths) == 1:
+        scores: Any = np.asarray(gathered["scores"], dtype=np.float32)
+    else:  # batches with different candidate counts: one array per example
+        scores = [np.asarray(row, dtype=np.float32) for row in gathered["scores"]]
+    result = EvalResult(
+        metrics,
+        metric_intervals(values, n_boot, seed, level),
+        values,
+        ks,
+        ranks=ranks,
+        scores=scores,
+        target_index=np.asarray(gathered["target_index"], dtype=np.int64),
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+        extra={"tokens_per_example_mean": float(np.mean(gathered["tokens"]))},
+    )
+    if progress:
+        _log_metrics(metrics)
+    return result
 
 
 def parameter_count(model: Any) -> int:
@@ -257,9 +580,15 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_cost(
-    model: Any, batches: Sequence[Mapping[str, torch.Tensor]], warmup: int = 1, device: torch.device | str | None = None
+    model: Any,
+    batches: Sequence[Mapping[str, Any]],
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    pointwise_score: str = "mean",
 ) -> dict[str, Any]:
     """Latency, throughput and memory of scoring ``batches`` (the first ``warmup`` are not timed).
+
+    Pointwise batches are scored with ``pointwise_score`` as in :func:`evaluate_model`.
 
     Returns:
         ``latency_ms_per_batch_median``, ``latency_ms_per_example_median`` (median over
@@ -300,7 +629,7 @@ def measure_cost(
     }
     try:
         for batch in batches[:warmup]:
-            forward_scores(model, batch, device)
+            forward_scores(model, batch, device, pointwise_score)
         _sync(device)
         rss_tracked = False
         if device.type == "cuda":
@@ -316,7 +645,7 @@ def measure_cost(
         for batch in batches[warmup:]:
             _sync(device)
             t0 = time.perf_counter()
-            forward_scores(model, batch, device)
+            forward_scores(model, batch, device, pointwise_score)
             _sync(device)
             times.append(time.perf_counter() - t0)
             sizes.append(int(batch["input_ids"].size(0)))

@@ -41,10 +41,16 @@ error (load the model with ``attn_implementation="sdpa"`` for scoring).
 Log-probabilities are computed in fp32 from the hidden states gathered at the
 needed positions only: the LM head is applied to N = sum_c T_c rows, never to
 every position of the packed sequence.
+
+In the data pipeline, ``collate`` packs a pointwise batch once (with the
+unconditional group, so ``pmi`` can use it) and the ``PackedBatch`` travels with
+the tensors (``.to(device)``); :func:`packed_scores` scores it, dropping the
+unconditional group first for ``mean`` and ``sum`` (``PackedBatch.history_only``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -61,6 +67,7 @@ __all__ = [
     "candidate_continuation",
     "pack_candidates",
     "pack_candidates_batch",
+    "packed_scores",
     "packed_slot_logprob_sums",
     "render_history_prefix",
     "score_candidates",
@@ -182,11 +189,79 @@ class PackedBatch:
     num_candidates: list[int]
     num_groups: int
     lengths: list[int]
+    pad_id: int = 0
 
     @property
     def num_tokens(self) -> int:
         """Tokens processed by the packed forward, padding excluded."""
         return int(sum(self.lengths))
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The same batch with every tensor on ``device`` (a new object; lists are shared)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+    def slot_token_counts(self) -> torch.Tensor:
+        """[S] number of tokens of each candidate slot."""
+        return torch.bincount(self.token_slot, minlength=len(self.slot_row))
+
+    def history_only(self) -> PackedBatch:
+        """The batch without its unconditional group (itself when it has none).
+
+        Group 0 (history prefix + candidates) comes first in every row and attends
+        to nothing of group 1, so the rows are cut to the longest group-0 length and
+        any group-1 token left inside that width becomes padding (pad id, position
+        0, attending only itself): group-0 scores are unchanged and no
+        unconditional token is processed. ``mean`` and ``sum`` scoring use this, so
+        a batch collated for ``pmi`` costs them nothing extra.
+        """
+        if self.num_groups == 1:
+            return self
+        keep_tok = self.slot_group[self.token_slot] == 0
+        keep_slot = self.slot_group == 0
+        new_slot = torch.cumsum(keep_slot.long(), 0) - 1
+        rows = self.input_ids.size(0)
+        lengths = []
+        for b in range(rows):
+            # Group 0 of row b is its prefix (P tokens; every candidate's first token is
+            # predicted from position P-1, the lowest predicting position) then its candidates.
+            in_row = keep_tok & (self.token_row == b)
+            lengths.append(int(self.token_pred_pos[in_row].min()) + 1 + int(in_row.sum()))
+        width = max(lengths)
+        input_ids = self.input_ids[:, :width].clone()
+        position_ids = self.position_ids[:, :width].clone()
+        mask = self.attention_mask[:, :, :width, :width].clone()
+        eye = torch.eye(width, dtype=torch.bool, device=mask.device)
+        for b, n in enumerate(lengths):
+            if n < width:
+                input_ids[b, n:] = self.pad_id
+                position_ids[b, n:] = 0
+                mask[b, 0, n:, :] = eye[n:]
+                mask[b, 0, :, n:] = eye[:, n:]
+        return PackedBatch(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            token_row=self.token_row[keep_tok],
+            token_pred_pos=self.token_pred_pos[keep_tok],
+            token_target=self.token_target[keep_tok],
+            token_slot=new_slot[self.token_slot[keep_tok]],
+            slot_row=self.slot_row[keep_slot],
+            slot_group=self.slot_group[keep_slot],
+            slot_candidate=self.slot_candidate[keep_slot],
+            num_candidates=list(self.num_candidates),
+            num_groups=1,
+            lengths=lengths,
+            pad_id=self.pad_id,
+        )
 
     def additive_attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, L, L] float mask of ``dtype``: 0 where attention is allowed, ``finfo(dtype).min`` elsewhere."""
@@ -312,6 +387,7 @@ def pack_candidates_batch(
         num_candidates=[len(c) for c in candidates],
         num_groups=2 if unconditional_prefix_ids is not None else 1,
         lengths=lengths,
+        pad_id=int(pad_id),
     )
 
 
@@ -412,13 +488,34 @@ def score_candidates_batch(
     """
     _check_mode(mode, unconditional_prefix_ids)
     packed = pack_candidates_batch(prefixes, candidates, pad_id, unconditional_prefix_ids if mode == "pmi" else None)
+    return packed_scores(model, packed, mode)
+
+
+def packed_scores(model, packed: PackedBatch, mode: ScoreMode = "mean") -> list[torch.Tensor]:
+    """Scores of an already packed batch (e.g. the ``packed`` entry of a collated pointwise batch).
+
+    One forward -> one fp32 tensor [C_b] per row (on CPU). ``pmi`` needs a batch
+    packed with the unconditional group; ``mean`` and ``sum`` drop that group
+    before the forward (:meth:`PackedBatch.history_only`) when it is there.
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"unknown pointwise score mode {mode!r}; expected one of {SCORE_MODES}")
+    if mode == "pmi" and packed.num_groups != 2:
+        raise ValueError(
+            "mode='pmi' needs a batch packed with the unconditional prefix (unconditional_prefix_ids / "
+            "the unconditional_ids column)"
+        )
+    if mode != "pmi":
+        packed = packed.history_only()
     sums = packed_slot_logprob_sums(model, packed).cpu()
+    counts_all = packed.slot_token_counts().cpu().double()
     scores: list[torch.Tensor] = []
     start = 0
-    for b, n_cand in enumerate(packed.num_candidates):
-        block = sums[start : start + packed.num_groups * n_cand].view(packed.num_groups, n_cand)
-        start += packed.num_groups * n_cand
-        counts = torch.tensor([len(c) for c in candidates[b]], dtype=torch.float64)
+    for n_cand in packed.num_candidates:
+        size = packed.num_groups * n_cand
+        block = sums[start : start + size].view(packed.num_groups, n_cand)
+        counts = counts_all[start : start + n_cand]
+        start += size
         scores.append(_combine(block, counts, mode))
     return scores
 

@@ -1,11 +1,15 @@
-"""Ranking prompts: history titles + lettered candidates, answered by one letter token.
+"""Ranking prompts: history titles + lettered candidates, answered by one letter token
+(listwise); or the history as a plain-text list continued by each candidate title (pointwise).
 
-With a chat template the user message holds the instructions, history and
+Listwise: with a chat template the user message holds the instructions, history and
 candidates and the assistant message is the letter; without one the prompt is
 plain text ending in ``"\\nAnswer: "`` followed by the letter. Either way the
 model's score for candidate ``c`` is the log-probability of ``c``'s letter token
 at the answer position, so every letter must be exactly one token there
 (:func:`label_token_ids` checks it).
+
+Pointwise (:func:`render_pointwise`): plain text, never a chat template; the
+template and scoring rules are those of :mod:`layerwise_dist.pointwise`.
 """
 
 from __future__ import annotations
@@ -164,3 +168,58 @@ class TitleCutter:
         if len(ids) <= n:
             return title
         return self.tokenizer.decode(ids[:n]).rstrip("\ufffd").strip()
+
+
+# --------------------------------------------------------------------------- pointwise
+
+# Plural and singular item phrases of the pointwise template, by Amazon category name.
+CATEGORY_PHRASES: dict[str, tuple[str, str]] = {
+    "All_Beauty": ("beauty products", "beauty product"),
+    "Beauty_and_Personal_Care": ("beauty products", "beauty product"),
+    "Video_Games": ("video games", "video game"),
+    "Books": ("books", "book"),
+    "Kindle_Store": ("e-books", "e-book"),
+    "Movies_and_TV": ("movies and TV shows", "movie or TV show"),
+    "CDs_and_Vinyl": ("music albums", "music album"),
+    "Toys_and_Games": ("toys and games", "toy or game"),
+    "Electronics": ("electronics products", "electronics product"),
+}
+
+
+def pointwise_phrases(category: str, category_phrase: str = "") -> tuple[str, str]:
+    """(plural, singular) item phrase of the pointwise prompt.
+
+    ``category_phrase`` (``data.category_phrase``) wins when given, its singular being
+    the phrase without a final "s"; else the category's entry of
+    :data:`CATEGORY_PHRASES`; else the category lowercased with underscores as
+    spaces plus " items" ("Pet_Supplies" -> "pet supplies items").
+    """
+    from ..pointwise import _singular
+
+    if category_phrase.strip():
+        plural = " ".join(category_phrase.split())
+        return plural, _singular(plural)
+    if category in CATEGORY_PHRASES:
+        return CATEGORY_PHRASES[category]
+    base = " ".join(category.replace("_", " ").lower().split())
+    plural = f"{base} items" if base else "items"
+    return plural, plural[:-1]
+
+
+def render_pointwise(example: RankExample, category_phrase: str = "") -> tuple[str, list[str], str]:
+    """(history prefix, candidate continuations in the example's order, unconditional prefix).
+
+    Plain text, no chat template: the prefix lists the example's history titles
+    (already cut to ``history_len`` titles of ``title_max_tokens`` tokens by
+    ``build_examples``) and ends with ``"\\n-"``; each continuation is
+    ``" " + title + "\\n"`` (see :mod:`layerwise_dist.pointwise`).
+    """
+    from ..pointwise import candidate_continuation, render_history_prefix
+
+    plural, singular = pointwise_phrases(example.category, category_phrase)
+    try:
+        prefix = render_history_prefix(example.history_titles, plural, item_phrase=singular)
+        continuations = [candidate_continuation(t) for t in example.candidate_titles]
+    except ValueError as e:
+        raise DataError(f"user {example.user_id} split {example.split}: {e}") from None
+    return prefix, continuations, render_history_prefix([], plural, item_phrase=singular)

@@ -12,11 +12,29 @@ from typing import Any
 
 from ..config import DataConfig
 from .errors import DataError
-from .prompts import LABELS, RankExample, has_chat_template, label_token_ids, render_prompt
+from .prompts import (
+    LABELS,
+    RankExample,
+    has_chat_template,
+    label_token_ids,
+    pointwise_phrases,
+    render_pointwise,
+    render_prompt,
+)
 
 IGNORE_INDEX = -100
 FORMAT_VERSION = "1"
 COLUMNS = ("input_ids", "attention_mask", "labels", "answer_pos", "target_index", "candidate_token_ids")
+POINTWISE_COLUMNS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "answer_pos",
+    "target_index",
+    "prefix_ids",
+    "candidate_ids",
+    "unconditional_ids",
+)
 
 
 def default_cache_dir(cfg: DataConfig) -> Path:
@@ -37,9 +55,23 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+def pointwise_template(category: str, category_phrase: str = "") -> str:
+    """The pointwise template of a category with placeholder titles (part of the cache fingerprint)."""
+    from ..pointwise import candidate_continuation, render_history_prefix
+
+    plural, singular = pointwise_phrases(category, category_phrase)
+    history = render_history_prefix(["{title 1}", "{title 2}"], plural, item_phrase=singular)
+    return (
+        history + candidate_continuation("{candidate}") + "|" + render_history_prefix([], plural, item_phrase=singular)
+    )
+
+
 def examples_fingerprint(examples: Sequence[RankExample], tokenizer: Any, cfg: DataConfig) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{FORMAT_VERSION}|{cfg.max_length}|{tokenizer_fingerprint(tokenizer)}".encode())
+    if cfg.formulation != "listwise":  # (the listwise fingerprint is the one it always had)
+        templates = [pointwise_template(c, cfg.category_phrase) for c in sorted({ex.category for ex in examples})]
+        h.update(json.dumps([cfg.formulation, templates]).encode())
     for ex in examples:
         h.update(json.dumps(dataclasses.asdict(ex), sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -74,19 +106,100 @@ def _encode_batch(batch: dict[str, list], tokenizer: Any, letter_ids: list[int],
     return out
 
 
+def _encode_pointwise_batch(batch: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
+    """Pointwise rows: prefix (with the tokenizer's special tokens) + each continuation (without),
+    tokenized separately as :func:`layerwise_dist.pointwise.tokenize_pointwise` does."""
+    prefixes = tokenizer(batch["prefix"], add_special_tokens=True)["input_ids"]
+    texts = list(dict.fromkeys([t for conts in batch["continuations"] for t in conts] + batch["unconditional"]))
+    pieces = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    unconditional_ids = {
+        u: list(tokenizer(u, add_special_tokens=True)["input_ids"]) for u in set(batch["unconditional"])
+    }
+    out: dict[str, list] = {c: [] for c in POINTWISE_COLUMNS}
+    for prefix, conts, uncond, target, user, split in zip(
+        prefixes,
+        batch["continuations"],
+        batch["unconditional"],
+        batch["target_index"],
+        batch["user_id"],
+        batch["split"],
+    ):
+        prefix = list(prefix)
+        cands = [list(pieces[t]) for t in conts]
+        if not prefix or any(not c for c in cands):
+            raise DataError(f"example user={user} split={split}: the prefix or a candidate title has no tokens")
+        longest = len(prefix) + max(len(c) for c in cands)
+        if longest > max_length:
+            raise DataError(
+                f"example user={user} split={split} is {longest} tokens (prefix + longest candidate), more than "
+                f"data.max_length={max_length} (raise it, or lower history_len / title_max_tokens)"
+            )
+        ids = prefix + cands[target]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append([IGNORE_INDEX] * len(prefix) + cands[target])
+        out["answer_pos"].append(len(prefix) - 1)
+        out["target_index"].append(target)
+        out["prefix_ids"].append(prefix)
+        out["candidate_ids"].append(cands)
+        out["unconditional_ids"].append(unconditional_ids[uncond])
+    return out
+
+
+def _pointwise_dataset(examples: Sequence[RankExample], tokenizer: Any, cfg: DataConfig, path: Path, fp: str) -> Any:
+    from datasets import Dataset
+
+    rows = []
+    for ex in examples:
+        prefix, continuations, unconditional = render_pointwise(ex, cfg.category_phrase)
+        rows.append(
+            {
+                "user_id": ex.user_id,
+                "split": ex.split,
+                "prefix": prefix,
+                "continuations": continuations,
+                "unconditional": unconditional,
+                "target_index": ex.target_index,
+            }
+        )
+    return Dataset.from_list(rows).map(
+        _encode_pointwise_batch,
+        batched=True,
+        batch_size=256,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.max_length},
+        remove_columns=["prefix", "continuations", "unconditional", "target_index"],
+        cache_file_name=str(path),
+        new_fingerprint=fp,
+        desc="tokenizing (pointwise)",
+    )
+
+
 def tokenize_examples(
     examples: Sequence[RankExample], tokenizer: Any, cfg: DataConfig, cache_dir: str | Path | None = None
 ) -> Any:
-    """A ``datasets.Dataset`` with ``input_ids, attention_mask, labels, answer_pos, target_index,
-    candidate_token_ids`` (plus ``user_id``, ``split``).
+    """A ``datasets.Dataset`` of tokenized examples (plus ``user_id``, ``split``), by ``cfg.formulation``.
 
-    ``labels`` is -100 except at the answer letter; ``answer_pos`` is the position whose
-    logits predict it (answer index - 1). The result is cached as
-    ``<cache_dir>/tokenized/tok-<fingerprint>.arrow``, the fingerprint covering the
-    examples, the tokenizer (vocabulary, special tokens, chat template) and
-    ``max_length``; a second call with the same inputs loads that file without
-    tokenizing. Ranks racing on the same file are safe: ``datasets`` writes a temporary
-    file and renames it.
+    ``listwise``: ``input_ids, attention_mask, labels, answer_pos, target_index,
+    candidate_token_ids``. ``labels`` is -100 except at the answer letter;
+    ``answer_pos`` is the position whose logits predict it (answer index - 1).
+
+    ``pointwise`` (plain text, no chat template, see :func:`prompts.render_pointwise`):
+    ``input_ids`` = history prefix + the target's continuation ``" " + title + "\n"``,
+    ``labels`` -100 on the prefix and the continuation's tokens supervised (the
+    causal-LM loss of adaptation and the Fisher label), ``answer_pos`` = len(prefix) - 1
+    (the position predicting the first title token), ``target_index``, ``prefix_ids``,
+    ``candidate_ids`` (one token list per candidate, in the example's order) and
+    ``unconditional_ids`` (the template with no history, for ``pmi``). The prefix is
+    tokenized with the tokenizer's special tokens (its BOS, if it adds one), each
+    continuation without, separately: a candidate's tokens do not depend on the history.
+    ``data.max_length`` bounds prefix + the longest candidate (the positions a packed
+    forward reaches).
+
+    The result is cached as ``<cache_dir>/tokenized/tok-<fingerprint>.arrow``, the
+    fingerprint covering the examples, the tokenizer (vocabulary, special tokens, chat
+    template), ``max_length`` and, for ``pointwise``, the formulation and its template;
+    a second call with the same inputs loads that file without tokenizing. Ranks racing
+    on the same file are safe: ``datasets`` writes a temporary file and renames it.
     """
     from datasets import Dataset
 
@@ -98,6 +211,8 @@ def tokenize_examples(
     path = folder / f"tok-{fingerprint}.arrow"
     if path.is_file():
         return Dataset.from_file(str(path))
+    if cfg.formulation == "pointwise":
+        return _pointwise_dataset(examples, tokenizer, cfg, path, fingerprint)
     letter_ids = label_token_ids(tokenizer, max(len(ex.candidates) for ex in examples))
     rows = []
     for ex in examples:
@@ -125,6 +240,23 @@ def tokenize_examples(
     )
 
 
+def _pack_pointwise(features: Sequence[Mapping[str, Any]], pad_token_id: int) -> Any:
+    from ..pointwise import pack_candidates_batch
+
+    unconditional = None
+    if all(f.get("unconditional_ids") for f in features):
+        distinct = {tuple(f["unconditional_ids"]) for f in features}
+        if len(distinct) != 1:
+            raise DataError("a pointwise batch mixes examples with different unconditional prefixes (categories)")
+        unconditional = list(distinct.pop())
+    try:
+        return pack_candidates_batch(
+            [f["prefix_ids"] for f in features], [f["candidate_ids"] for f in features], pad_token_id, unconditional
+        )
+    except ValueError as e:
+        raise DataError(f"cannot pack a pointwise batch: {e}") from None
+
+
 def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
     """Right-padded batch of tokenized examples (the one collate of every stage).
 
@@ -133,6 +265,12 @@ def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dic
     ``labels``, ``answer_pos``, ``target_index``, ``candidate_token_ids`` (``[B, C]``)
     and ``example_id`` are carried when every example has them, so a plain
     ``input_ids`` + ``labels`` dataset (e.g. for a Fisher pass) collates too.
+
+    Pointwise examples (those with ``candidate_ids`` and ``prefix_ids``) also give
+    ``packed``: a :class:`layerwise_dist.pointwise.PackedBatch` of every example's
+    prefix and candidates, one row each, with the unconditional group when the
+    examples carry ``unconditional_ids`` (``pmi``; ``mean``/``sum`` scoring drops it
+    before the forward). It moves with ``.to(device)`` like the tensors.
     """
     import torch
 
@@ -158,6 +296,8 @@ def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dic
     for key in ("answer_pos", "target_index", "example_id"):
         if has(key):
             batch[key] = torch.tensor([int(f[key]) for f in features], dtype=torch.long)
+    if has("candidate_ids") and has("prefix_ids"):
+        batch["packed"] = _pack_pointwise(features, pad_token_id)
     if has("candidate_token_ids"):
         widths = {len(f["candidate_token_ids"]) for f in features}
         if len(widths) != 1:
