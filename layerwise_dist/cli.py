@@ -182,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--preset", default="default", help="preset whose data.* section says where the data is")
     rec.add_argument("overrides", nargs="*", metavar="key=value")
 
+    _add_plan_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command in JOBS:
         return launch(args.command, args)
     if args.command == "data":
@@ -209,6 +213,64 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser(
+        "plan",
+        help="per-rank memory of a distillation run from a model config alone (no weights), and what fits",
+        description="Per-rank memory of teacher, student states and activations for 1-16 ranks (layerwise_dist.planner).",
+    )
+    src = pl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="teacher.model: a HF folder, embedded:smollm2 or tiny")
+    src.add_argument("--config-json", help="a Hugging Face config.json")
+    src.add_argument("--preset", help="a built-in shape: llama3-8b")
+    pl.add_argument("--student-layers", type=int, default=8)
+    pl.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
+    pl.add_argument("--seq", type=int, default=768, help="tokens per sequence")
+    pl.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute/training dtype")
+    pl.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    pl.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "none"], help="teacher, for the verdicts")
+    pl.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB")
+    pl.add_argument("--host-mem", default=None, help="host memory per node, e.g. 1TB")
+    pl.add_argument("--ranks-per-node", type=int, default=8)
+    pl.add_argument("--json", default=None, help="also write every estimate to this JSON file")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import KNOWN_ERRORS, one_line
+    from .planner import PlanError, plan, plan_to_dict, render_plan
+
+    try:
+        if args.model:
+            from .config import TeacherConfig
+            from .models.teacher import resolve_model_dir
+
+            source, name = resolve_model_dir(TeacherConfig(model=args.model)), args.model
+        else:
+            source = args.config_json or args.preset
+            name = args.preset or args.config_json
+        result = plan(
+            source,
+            args.student_layers,
+            args.ranks,
+            args.batch,
+            args.seq,
+            dtype=args.dtype,
+            gpu_mem=args.gpu_mem,
+            host_mem=args.host_mem,
+            ranks_per_node=args.ranks_per_node,
+            name=name,
+        )
+    except KNOWN_ERRORS + (PlanError,) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(render_plan(result, args.quantization), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan_to_dict(result), indent=1))
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
