@@ -125,7 +125,121 @@ def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -
         str(resolved),
     ]
     print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    return _run_launcher(cmd, env)
+
+
+# After SIGTERM/SIGINT, how long the ranks get to reach a step boundary, checkpoint and exit
+# before the whole launcher tree is killed (LAYERWISE_DIST_STOP_TIMEOUT overrides, in seconds).
+STOP_TIMEOUT_S = 120.0
+
+
+def _run_launcher(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher in a process group of its own and own that group until it is empty.
+
+    SIGTERM/SIGINT here are forwarded to the ranks themselves (they stop at the next step
+    boundary, checkpoint and exit 128 + signum; the launcher then exits by itself), not to
+    the launcher: ``deepspeed`` (runner.py) has no handler on one node and would die at
+    once, orphaning ``deepspeed.launcher.launch``, and ``launch.py`` SIGKILLs every rank
+    30 s after passing a signal on, whatever it is doing. After the timeout, or on a
+    second signal, the group is SIGKILLed. Whatever is left in the group once the
+    launcher exited is an orphan and is killed too. Returns the launcher's exit code, or
+    128 + signum when a signal stopped the job.
+    """
+    import signal
+    import time
+
+    timeout = float(os.environ.get("LAYERWISE_DIST_STOP_TIMEOUT", STOP_TIMEOUT_S))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # own group: the terminal's ^C reaches us only
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            print(
+                f"layerwise-dist: {name}: the ranks stop at the next step boundary and checkpoint "
+                f"(killed after {timeout:.0f} s; send it again to kill them now)",
+                file=sys.stderr,
+                flush=True,
+            )
+            _signal_ranks(proc.pid, signum)
+        else:
+            print(f"layerwise-dist: {name} again: killing the ranks", file=sys.stderr, flush=True)
+            _kill_group(proc.pid)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        deadline = None
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + timeout
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"layerwise-dist: the ranks did not stop within {timeout:.0f} s: killed", file=sys.stderr)
+                _kill_group(proc.pid)
+                deadline = float("inf")
+        # The launcher is gone: anything left in its group (a rank it lost track of, a rank's child) is an orphan.
+        _wait_group(proc.pid, 10.0)
+    finally:
+        if proc.poll() is None:  # an exception here (not a signal): leave nothing behind
+            _kill_group(proc.pid)
+            proc.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received else rc
+
+
+def _signal_ranks(launcher_pid: int, signum: int) -> None:
+    """Send ``signum`` to the ranks (the children of ``deepspeed.launcher.launch``); before they exist, to the group."""
+    import psutil
+
+    ranks = []
+    try:
+        for p in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                if "deepspeed.launcher.launch" in " ".join(p.cmdline()):
+                    ranks += p.children()
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        pass
+    if not ranks:  # still starting: nothing to checkpoint yet, the launcher passes it on
+        _kill_group(launcher_pid, signum)
+        return
+    for p in ranks:
+        try:
+            p.send_signal(signum)
+        except psutil.Error:
+            pass
+
+
+def _kill_group(pgid: int, signum: int | None = None) -> None:
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL if signum is None else signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_group(pgid: int, seconds: float) -> None:
+    """Wait until no process is left in group ``pgid``; SIGKILL what remains after ``seconds``."""
+    import time
+
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() > end:
+            _kill_group(pgid)
+            return
+        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

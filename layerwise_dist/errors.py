@@ -17,7 +17,7 @@ def _known() -> tuple[type[BaseException], ...]:
     from .losses import LossInputError
     from .models.student import StudentError
     from .runlock import RunLockedError
-    from .trainer import TrainingDivergedError
+    from .trainer import StoppedBySignal, TrainingDivergedError
     from .weighting import WeightingError
 
     return (
@@ -28,6 +28,7 @@ def _known() -> tuple[type[BaseException], ...]:
         WeightingError,
         LossInputError,
         TrainingDivergedError,
+        StoppedBySignal,
         ExportError,
         RunLockedError,
         FileNotFoundError,

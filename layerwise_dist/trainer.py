@@ -11,13 +11,23 @@ Exact resume: the batch of every micro-step is a pure function of
 ``(train.seed, micro-step)``, so a resumed run needs only the step number
 (saved in the DeepSpeed checkpoint's client state with the RNG states) to see
 the same data in the same order as an uninterrupted run.
+
+Signals: under :func:`stop_signals` (every rank's job runs under it, see
+:func:`layerwise_dist.worker.run_job`) SIGTERM/SIGINT inside the loop only note the
+request; at the next step boundary the ranks agree on it (one all-reduce: they may see
+the signal at different moments, all must stop at the same step), write a checkpoint
+when ``train.save_on_signal`` and raise :class:`StoppedBySignal`. Outside the loop the
+signal raises it at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,62 @@ log = get_logger()
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class StoppedBySignal(BaseException):  # noqa: N818 -- like KeyboardInterrupt: `except Exception` must not swallow it
+    """SIGTERM/SIGINT stopped the job; ``signum`` says which (the exit code is 128 + signum)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopRequest:
+    signum: int | None = None  # the first SIGTERM/SIGINT this process got
+    deferring: int = 0  # > 0 inside the training loop: note the signal, stop at the step boundary
+
+
+_STOP = _StopRequest()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    if _STOP.signum is not None:
+        return  # already stopping: a repeat (e.g. the launcher's SIGTERM once a rank exited) changes nothing
+    _STOP.signum = signum
+    if _STOP.deferring == 0:
+        raise StoppedBySignal(f"stopped by {_signal_name(signum)} outside the training loop (nothing to save)", signum)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM/SIGINT stop this process through :class:`StoppedBySignal` (deferred to a step boundary in the loop)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be installed from the main thread; keep the process's own ones
+        return
+    previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    _STOP.signum, _STOP.deferring = None, 0
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _STOP.signum, _STOP.deferring = None, 0
+
+
+@contextlib.contextmanager
+def _deferred_stop() -> Iterator[None]:
+    _STOP.deferring += 1
+    try:
+        yield
+    finally:
+        _STOP.deferring -= 1
 
 
 class StudentWithAligner(nn.Module):
@@ -94,6 +160,7 @@ class DistillationRunner:
         self.state = TrainState()
         self.module = StudentWithAligner(student, loss_fn)
         self.engine = None
+        self._saved_step: int | None = None  # the step whose DeepSpeed checkpoint this run wrote or loaded
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> DistillationRunner:
@@ -123,7 +190,10 @@ class DistillationRunner:
             config=self.ds_config,
         )
         if t.resume:
-            self.state = self.checkpoints.load(self.engine) or self.state
+            loaded = self.checkpoints.load(self.engine)
+            if loaded is not None:
+                self.state = loaded
+                self._saved_step = loaded.step
         return self
 
     def _sampler(self) -> RankSampler:
@@ -178,6 +248,24 @@ class DistillationRunner:
         )
         start = time.perf_counter()
         end = min(t.max_steps, t.stop_at_step) if t.stop_at_step else t.max_steps
+        with _deferred_stop():
+            self._loop(sampler, bar, end)
+            bar.close()
+            elapsed = time.perf_counter() - start
+            log.info("distillation: at step %d of %d after %.1f s", self.state.step, t.max_steps, elapsed)
+            if self.valid_data is not None:
+                self.validate()
+            self.save_checkpoint()
+        if _STOP.signum is not None:  # arrived during the final validation or save: both finished
+            raise StoppedBySignal(
+                f"stopped by {_signal_name(_STOP.signum)} after the last step ({self.state.step}); "
+                f"checkpoint step{self.state.step} written in {self.checkpoints.folder}",
+                _STOP.signum,
+            )
+        return self.state
+
+    def _loop(self, sampler: RankSampler, bar: Any, end: int) -> None:
+        t = self.cfg.train
         while self.state.step < end:
             step = self.state.step
             sums: dict[str, float] = {}
@@ -207,13 +295,43 @@ class DistillationRunner:
                 self.validate()
             if t.save_every and self.state.step % t.save_every == 0 and self.state.step < t.max_steps:
                 self.save_checkpoint()
-        bar.close()
-        elapsed = time.perf_counter() - start
-        log.info("distillation: at step %d of %d after %.1f s", self.state.step, t.max_steps, elapsed)
-        if self.valid_data is not None:
-            self.validate()
-        self.save_checkpoint()
-        return self.state
+            signum = self._agreed_stop_signal()
+            if signum:
+                bar.close()
+                self._stop(signum)
+
+    def _agreed_stop_signal(self) -> int:
+        """The signal some rank got (0: none), the same on every rank: one all-reduce (max) per step."""
+        local = float(_STOP.signum or 0)
+        if world_size() == 1:
+            return int(local)
+        import torch.distributed as dist
+
+        from .distributed import backend, device
+
+        flag = torch.tensor([local], dtype=torch.float64, device=device() if backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _stop(self, signum: int) -> None:
+        """Every rank at the same step boundary: checkpoint (when train.save_on_signal), then raise."""
+        t = self.cfg.train
+        name = _signal_name(signum)
+        step = self.state.step
+        if t.save_on_signal:
+            if self._saved_step != step:
+                self.checkpoints.save(self.engine, self.state)
+                self._saved_step = step
+            where = f"checkpoint step{step} written in {self.checkpoints.folder}; continue with train.resume=true"
+        else:
+            where = f"nothing saved (train.save_on_signal=false); {self._last_checkpoint_note()}"
+        raise StoppedBySignal(f"stopped by {name} at step {step} of {t.max_steps}; {where}", signum)
+
+    def _last_checkpoint_note(self) -> str:
+        tag, _ = self.checkpoints.newest_complete()
+        if tag is None:
+            return f"no complete checkpoint in {self.checkpoints.folder} to resume from"
+        return f"last complete checkpoint: {self.checkpoints.folder / tag} (train.resume=true continues from it)"
 
     def _check_finite(self, step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         # Every rank must agree to stop, or the healthy ones hang in the next collective.
@@ -221,9 +339,7 @@ class DistillationRunner:
         all_reduce_sum(bad)
         if bad.item() > 0:
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            raise TrainingDivergedError(
-                f"non-finite loss at step {step + 1} ({shown}); last good checkpoint kept in {self.checkpoints.folder}"
-            )
+            raise TrainingDivergedError(f"non-finite loss at step {step + 1} ({shown}); {self._last_checkpoint_note()}")
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
@@ -254,8 +370,14 @@ class DistillationRunner:
 
     # ---------------------------------------------------------------- saving
     def save_checkpoint(self) -> Path:
-        """DeepSpeed checkpoint of the loop, then the consolidated HF student (collective)."""
-        path = self.checkpoints.save(self.engine, self.state)
+        """DeepSpeed checkpoint of the loop, then the consolidated HF student (collective).
+
+        A step whose checkpoint this run already wrote or resumed from is not written again
+        (rewriting it in place would open a window with no complete copy of it)."""
+        path = self.checkpoints.folder / f"step{self.state.step}"
+        if self._saved_step != self.state.step:
+            path = self.checkpoints.save(self.engine, self.state)
+            self._saved_step = self.state.step
         self.save_student(self.out / "student")
         return path
 

@@ -55,15 +55,21 @@ def config_from_argv(command: str, argv: list[str]) -> RunConfig:
 
 
 def run_job(job: Callable[[RunConfig], dict[str, Any]], cfg: RunConfig | Callable[[], RunConfig]) -> int:
-    """Run ``job`` on this rank: exit code 0, or 2 with one line on stderr for bad input."""
+    """Run ``job`` on this rank: exit code 0, 2 with one line on stderr for bad input, 128 + signum
+    with one line when SIGTERM/SIGINT stopped it (at a step boundary, checkpointed, in the training loop)."""
     # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per collective:
     # thousands of identical lines that bury the progress bars. Not ours to fix; keep the rest.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from .errors import KNOWN_ERRORS, one_line
+    from .trainer import StoppedBySignal, stop_signals
 
     try:
-        cfg = cfg() if callable(cfg) else cfg
-        results = job(cfg)
+        with stop_signals():
+            cfg = cfg() if callable(cfg) else cfg
+            results = job(cfg)
+    except StoppedBySignal as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     except KNOWN_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
