@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,13 +20,16 @@ from layerwise_dist.config import RunConfig, TrackingConfig
 from layerwise_dist.evaluation import compare
 from layerwise_dist.report import results_table, write_report
 from layerwise_dist.tracking import (
+    BUFFER_NAME,
     MLflowTracker,
     NullTracker,
+    TrackingError,
     default_tracking_uri,
     flatten,
     make_tracker,
     metric_name,
     mlflow_ui_command,
+    replay,
 )
 
 
@@ -249,3 +254,294 @@ def test_report_leaves_the_matplotlib_backend_alone(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["svg", "False", "True"]
+
+
+# --- tracking never kills or stalls training (issue 14.3): a real `mlflow server` that goes away ---------
+
+
+def _tracking_cfg(uri: str, **extra) -> TrackingConfig:
+    """A tracking section with settings that may be newer than TrackingConfig (required, flush_timeout_s)."""
+    cfg = TrackingConfig(tracking_uri=uri, experiment="outage")
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+class _Server:
+    """A real `mlflow server` (SQLite backend, local artifacts) on 127.0.0.1 that a test can kill and restart."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        env = run_env() | {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        env.pop("MLFLOW_TRACKING_URI", None)
+        cmd = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        self.starts += 1
+        self.log = self.folder / f"server-{self.starts}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def healthy(self, timeout: float = 0.5) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=timeout) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def wait_up(self, limit: float = 150.0) -> None:
+        deadline = time.monotonic() + limit
+        while not self.healthy():
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"mlflow server not up in {limit} s:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.25)
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group: a crash, not a shutdown."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # children of the group (uvicorn workers) gone too
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_group(self.proc, grace=10)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def _module_server(tmp_path_factory):
+    srv = _Server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def server(_module_server):
+    """One server for the module (a start takes 10-30 s on 2 busy cores), up at the start of each test."""
+    if _module_server.proc is None or _module_server.proc.poll() is not None:
+        _module_server.start()
+    _module_server.wait_up()
+    return _module_server
+
+
+def _buffer_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_unreachable_server_buffers_and_required_fails_in_one_line(tmp_path, caplog):
+    """Nothing listens on the port: the tracker starts at once with one warning and buffers to the run
+    folder; each call returns at once; end() waits flush_timeout_s and leaves the buffer, saying how to
+    replay it. With tracking.required=true the same start is one TrackingError line."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "run"
+    caplog.set_level(logging.WARNING, logger="layerwise_dist.tracking")
+    t0 = time.monotonic()
+    tracker = make_tracker(
+        _tracking_cfg(uri, flush_timeout_s=1.0), tmp_path, run_name="offline", rank=0, run_dir=run_dir
+    )
+    started_s = time.monotonic() - t0
+    assert started_s < 10, started_s  # was ~6 minutes of MLflow retries
+    assert isinstance(tracker, MLflowTracker) and tracker.offline and tracker.run_id is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0] and str(run_dir / BUFFER_NAME) in warnings[0]
+    assert "\n" not in warnings[0]
+    slowest = 0.0
+    for step in range(20):
+        t = time.perf_counter()
+        tracker.log_metrics({"train": {"loss": 1.0 / (step + 1)}}, step=step)
+        slowest = max(slowest, time.perf_counter() - t)
+    tracker.log_params({"train": {"lr": 1e-3}})
+    tracker.set_tags({"stage": "distill"})
+    assert slowest < 0.05, slowest
+    t0 = time.monotonic()
+    tracker.end()
+    assert time.monotonic() - t0 < 5
+    buffer = run_dir / BUFFER_NAME
+    records = _buffer_records(buffer)
+    assert records[0]["t"] == "run" and records[0]["uri"] == uri and records[0]["run_name"] == "offline"
+    steps = [m[3] for r in records if r["t"] == "metrics" for m in r["m"]]
+    assert steps == list(range(20))
+    assert {"t": "params", "p": [["train.lr", "0.001"]]} in records
+    assert records[-1]["t"] == "end" and records[-1]["status"] == "FINISHED"
+    last = caplog.records[-1].getMessage()
+    assert "tracking replay" in last and str(buffer) in last
+    print(f"unreachable: start {started_s:.2f} s, slowest call {slowest * 1000:.2f} ms")
+
+    caplog.clear()
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=r"unreachable .*tracking.required=true") as err:
+        make_tracker(_tracking_cfg(uri, required=True), tmp_path, rank=0, run_dir=tmp_path / "run2")
+    assert time.monotonic() - t0 < 10 and "\n" not in str(err.value)
+    assert not (tmp_path / "run2" / BUFFER_NAME).exists()
+
+
+def test_server_killed_and_restarted_mid_run_loses_nothing(tmp_path, server, caplog):
+    """A run logs every ~50 ms; its MLflow server is SIGKILLed at step 10 and restarted (same port, same
+    store) at step 25. No call waits on the network, the tracker reconnects by itself while the run goes
+    on, and after end() every metric of every step is in the server with its step and original timestamp."""
+    caplog.set_level(logging.WARNING, logger="layerwise_dist.tracking")
+    cfg = _tracking_cfg(server.url, flush_timeout_s=60.0)
+    run_dir = tmp_path / "run"
+    tracker = make_tracker(cfg, tmp_path / "results", run_name="outage", rank=0, run_dir=run_dir)
+    assert tracker.run_id and not tracker.offline
+    run_id = tracker.run_id
+    tracker.log_params({"train": {"lr": 1e-3}})
+    calls: list[float] = []
+    stamps: dict[int, tuple[int, int]] = {}
+    step, back_at = 0, None
+    t_loop = time.monotonic()
+    while back_at is None or step < max(40, back_at + 15):
+        if step == 10:
+            server.kill()
+        if step == 25:
+            server.start()
+        if step > 25 and back_at is None and step % 5 == 0 and server.healthy(0.2):
+            back_at = step
+        before = int(time.time() * 1000)
+        t = time.perf_counter()
+        tracker.log_metrics({"train": {"loss": 1.0 / (step + 1)}, "step_twice": 2.0 * step}, step=step)
+        calls.append(time.perf_counter() - t)
+        stamps[step] = (before, int(time.time() * 1000))
+        if step == 24:
+            assert tracker.offline  # it noticed the outage, and training did not
+        step += 1
+        time.sleep(0.05)
+        assert time.monotonic() - t_loop < 150, "mlflow server did not come back"
+    loop_s = time.monotonic() - t_loop
+    t0 = time.monotonic()
+    tracker.end()
+    end_s = time.monotonic() - t0
+    print(
+        f"outage: {step} steps in {loop_s:.1f} s (server back at step {back_at}), slowest call "
+        f"{max(calls) * 1000:.2f} ms, end() {end_s:.2f} s"
+    )
+    assert max(calls) < 0.05, max(calls)
+    assert end_s < 10, end_s
+    client = mlflow.MlflowClient(tracking_uri=server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"train.lr": "0.001"}
+    for key, value in (("train.loss", lambda s: 1.0 / (s + 1)), ("step_twice", lambda s: 2.0 * s)):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(step)), key  # every step once: none lost, none doubled
+        assert [m.value for m in history] == pytest.approx([value(s) for s in range(step)])
+        for m in history:  # the time of the call, not of the (late) delivery
+            assert stamps[m.step][0] <= m.timestamp <= stamps[m.step][1], (key, m.step)
+    assert not (run_dir / BUFFER_NAME).exists()  # delivered in full: the buffer is gone
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "stopped answering" in w]) == 1
+    assert len([w for w in warnings if "answers again" in w]) == 1
+
+
+def test_replay_a_left_buffer_into_a_server(tmp_path, server, caplog):
+    """A run whose server never answered leaves its buffer; replay() sends it to a server later: a new run
+    with the original name, start time, steps, timestamps, params, tags, artifact and status."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "run"
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    tracker = make_tracker(_tracking_cfg(dead, flush_timeout_s=0.5), tmp_path, run_name="late", rank=0, run_dir=run_dir)
+    tracker.log_params({"train": {"lr": 1e-3}})
+    tracker.set_tags({"stage": "distill"})
+    for step in range(5):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    tracker.log_artifact(note, "notes")
+    tracker.end("FAILED")
+    buffer = run_dir / BUFFER_NAME
+    records = _buffer_records(buffer)
+    stamps = [m[2] for r in records if r["t"] == "metrics" for m in r["m"]]
+
+    with pytest.raises(TrackingError, match="unreachable"):
+        replay(buffer)  # still the dead server it was recorded for: one line, buffer kept
+    assert buffer.exists()
+    t0 = time.monotonic()
+    run_id = replay(buffer, server.url)
+    replay_s = time.monotonic() - t0
+    print(f"replay: {len(records)} records in {replay_s:.2f} s")
+    assert not buffer.exists() and not buffer.with_name(BUFFER_NAME + ".state.json").exists()
+    client = mlflow.MlflowClient(tracking_uri=server.url)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "late" and run.info.status == "FAILED"
+    assert run.info.start_time == records[0]["start_time"] and run.info.end_time == records[-1]["time"]
+    assert run.data.params == {"train.lr": "0.001"} and run.data.tags["stage"] == "distill"
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value, m.timestamp) for m in history) == [(s, float(s), stamps[s]) for s in range(5)]
+    assert _artifacts(client, run_id) == {"notes/note.txt"}
+    with pytest.raises(TrackingError, match="no tracking buffer"):
+        replay(buffer, server.url)
+
+
+def test_replay_continues_the_run_it_was_cut_from(tmp_path, server):
+    """A process SIGKILLed mid-run leaves its buffer: records the server already has, then records it never
+    got (here appended as if written while the server was away) and a line cut mid-write. replay() continues
+    that same run with only the rest and ends it FAILED (the buffer has no end record)."""
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys, time\n"
+        "from layerwise_dist.config import TrackingConfig\n"
+        "from layerwise_dist.tracking import make_tracker\n"
+        "cfg = TrackingConfig(tracking_uri=sys.argv[1], experiment='outage')\n"
+        "t = make_tracker(cfg, sys.argv[2], run_name='killed', rank=0, run_dir=sys.argv[2])\n"
+        "for step in range(3):\n"
+        "    t.log_metrics({'loss': float(step)}, step=step)\n"
+        "assert t.flush(60)\n"
+        "print(t.run_id, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, server.url, str(run_dir)],
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run_id = proc.stdout.readline().strip()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert run_id, "the tracking process did not start its run"
+    buffer = run_dir / BUFFER_NAME
+    with open(buffer, "a") as f:
+        for step in range(3, 6):
+            f.write(json.dumps({"t": "metrics", "m": [["loss", float(step), 1_700_000_000_000 + step, step]]}) + "\n")
+        f.write('{"t":"metrics","m":[["loss",9')  # cut mid-write by the kill
+    assert replay(buffer) == run_id
+    client = mlflow.MlflowClient(tracking_uri=server.url)
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(s, float(s)) for s in range(6)]  # none twice, none lost
+    assert client.get_run(run_id).info.status == "FAILED" and not buffer.exists()
