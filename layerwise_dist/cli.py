@@ -288,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument(
         "--model-config", default=None, help="folder with the model's config.json/tokenizer (default: <run>/student)"
     )
+    trk = sub.add_parser("tracking", help="tracking utilities")
+    trk_sub = trk.add_subparsers(dest="tracking_command", required=True)
+    rep = trk_sub.add_parser(
+        "replay",
+        help="send a run's tracking buffer (left while MLflow was unreachable) to the server",
+        description="Replay tracking_buffer*.jsonl in order, with the original steps and timestamps.",
+    )
+    rep.add_argument("buffer", help="the buffer file, e.g. results/demo/tracking_buffer.jsonl")
+    rep.add_argument("--tracking-uri", default=None, help="target store (default: the one the run was using)")
+    rep.add_argument("--end-status", default="FAILED", help="status of a run whose buffer has no end record")
     rec = sub.add_parser("recommend", help="top-k items for a user from a saved model")
     rec.add_argument("--model", required=True, help="model folder (e.g. results/demo/student) or embedded:smollm2")
     rec.add_argument("--user", required=True, help="user_id")
@@ -325,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return _recommend(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "tracking":
+        return _tracking_replay(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -384,6 +396,19 @@ def _plan(args: argparse.Namespace) -> int:
     print(render_plan(result, args.quantization), end="")
     if args.json:
         Path(args.json).write_text(json.dumps(plan_to_dict(result), indent=1))
+    return 0
+
+
+def _tracking_replay(args: argparse.Namespace) -> int:
+    from .errors import KNOWN_ERRORS, one_line
+    from .tracking import replay
+
+    try:
+        run_id = replay(args.buffer, tracking_uri=args.tracking_uri, end_status=args.end_status)
+    except KNOWN_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"replayed into MLflow run {run_id}")
     return 0
 
 

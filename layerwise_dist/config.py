@@ -376,10 +376,22 @@ class TrackingConfig:
     artifact_root: str = _f(
         "", "artifact folder of a new experiment (default: <results_dir>/mlartifacts beside the default store)"
     )
+    required: bool = _f(
+        False, "fail at start (one line) when the tracking server does not answer; default: warn and buffer"
+    )
+    flush_timeout_s: float = _f(
+        30.0, "at the end of a run, wait at most this long for buffered records to reach MLflow"
+    )
+    connect_timeout_s: float = _f(3.0, "timeout of the reachability check of an http(s) tracking URI at start")
+    request_timeout_s: float = _f(
+        30.0, "MLflow HTTP request timeout of the background sender (MLFLOW_HTTP_REQUEST_TIMEOUT unless set)"
+    )
 
     def __post_init__(self) -> None:
         if not self.experiment:
             raise ConfigError("tracking.experiment must not be empty")
+        for name in ("flush_timeout_s", "connect_timeout_s", "request_timeout_s"):
+            _positive("tracking", name, getattr(self, name))
 
 
 @dataclass

@@ -17,6 +17,7 @@ def _known() -> tuple[type[BaseException], ...]:
     from .losses import LossInputError
     from .models.student import StudentError
     from .runlock import RunLockedError
+    from .tracking import TrackingError
     from .trainer import StoppedBySignal, TrainingDivergedError
     from .weighting import WeightingError
 
@@ -31,6 +32,7 @@ def _known() -> tuple[type[BaseException], ...]:
         StoppedBySignal,
         ExportError,
         RunLockedError,
+        TrackingError,
         FileNotFoundError,
         json.JSONDecodeError,
     )
