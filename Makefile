@@ -68,3 +68,13 @@ mlflow-ui: venv
 
 clean:
 	rm -rf results .pytest_cache
+
+# The GPU check (issue 16): scripts/gpu_check.py, one JSON + log in results/gpu_check/ (within 8 minutes on
+# one H200). Installs what the GPU machine lacks from gpu_wheels/ (built by scripts/gpu_wheels.sh; carried,
+# never committed). `make gpu-check DEVICE=cpu` is the tiny-shape dry run (part of no test suite). No venv
+# set-up here: the GPU machine has no network, so it runs the python that is there (.venv/bin/python if any).
+DEVICE ?= cuda
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_CHECK_PYTHON) scripts/gpu_check.py --device $(DEVICE) --out results/gpu_check
