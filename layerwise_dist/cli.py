@@ -66,7 +66,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
     """
     from .ds_config import ds_config_path
     from .errors import KNOWN_ERRORS, one_line
-    from .recipes.distill import check_student_choice
+    from .recipes.distill import check_memory, check_student_choice
     from .worker import resolve, run_job
 
     try:
@@ -75,6 +75,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
         ds_config_path(cfg.ds_config)
         if command in ("distill", "pipeline"):
             check_student_choice(cfg)  # before any rank starts and before the Fisher pass
+            check_memory(cfg, nproc)  # the planner: stop now when the placement cannot fit
     except KNOWN_ERRORS as e:  # ConfigError included
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ def _known() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .losses import LossInputError
     from .models.student import StudentError
+    from .planner import PlanError
     from .runlock import RunLockedError
     from .tracking import TrackingError
     from .trainer import StoppedBySignal, TrainingDivergedError
@@ -32,6 +33,7 @@ def _known() -> tuple[type[BaseException], ...]:
         StoppedBySignal,
         ExportError,
         RunLockedError,
+        PlanError,
         TrackingError,
         FileNotFoundError,
         json.JSONDecodeError,

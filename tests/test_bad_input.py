@@ -98,6 +98,7 @@ def test_teacher_folder_without_tokenizer_files(tmp_path):
         (["student.num_layers=9"], "cannot have more layers (9) than the teacher (4)"),
         (["student.selection=list", "student.layers=[0,7]", "student.num_layers=2"], "student.layers"),
         (["student.selection=uniform", "student.num_layers=2", "student.layer_map=[0,9]"], "student.layer_map"),
+        (["train.micro_batch_size=4096", "data.max_length=1000000"], "the planned placement cannot fit"),
     ],
 )
 def test_layer_choice_checked_before_any_rank_starts(tmp_path, overrides, needle):
