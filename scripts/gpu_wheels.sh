@@ -9,9 +9,9 @@
 # anything here. DeepSpeed has no wheel: its sdist is installed there with
 # DS_BUILD_OPS=0 --no-build-isolation (hence setuptools and wheel in the list).
 #
-# Keep DIR untracked and NOT in .gitignore: the device tool copies tracked and
-# non-ignored files only. Never commit the wheels (about 50 MB; the tool carries
-# 64 MiB per call in all).
+# gpu_wheels/ is in .gitignore so the wheels (about 50 MB) are never committed; the
+# device run names it explicitly (the device tool's carry=["gpu_wheels"], 64 MiB per
+# call in all, working tree included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR="${1:-gpu_wheels}"
