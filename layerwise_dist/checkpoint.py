@@ -237,7 +237,7 @@ class CheckpointStore:
             log.warning(
                 "checkpoint was written by %d ranks, this run has %d: RNG state not restored", len(states), world_size()
             )
-        log.info("resumed from %s at step %d", path, state.step)
+        log.info("resumed from %s at step %d", self.folder / tag, state.step)
         return state
 
     # ---------------------------------------------------------------- prune
