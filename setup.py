@@ -31,6 +31,7 @@ setup(
         "ray[train]>=2.40",
         "mlflow>=2.16",
         "psutil>=5.9",
+        "peft>=0.13",
     ],
     extras_require={"test": ["pytest>=8", "ruff>=0.6"], "gpu": ["flash-attn>=2.5"]},
     entry_points={"console_scripts": ["layerwise-dist=layerwise_dist.cli:main"]},

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import RunConfig
+from .adapt import AdaptRecipe
 from .distill import DistillRecipe
 from .evaluate import EvaluateRecipe
 from .fisher import FisherRecipe
@@ -42,14 +43,37 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
         return _finish_with_eval(session, student_dir if (student_dir / "config.json").exists() else None)
 
 
-def pipeline(cfg: RunConfig) -> dict[str, Any]:
-    """The whole job: Fisher profile, distillation, teacher and student scored, report."""
+def adapt(cfg: RunConfig) -> dict[str, Any]:
+    """LoRA (QLoRA) adapters on the teacher: ``<output_dir>/adapt/adapter`` + the merged fp32 ``adapt/merged``."""
     with RunSession(cfg) as session:
+        _adapt_teacher(session)
+        return session.finish()
+
+
+def pipeline(cfg: RunConfig) -> dict[str, Any]:
+    """The whole job: (teacher adaptation,) Fisher profile, distillation, teacher and student scored, report."""
+    with RunSession(cfg) as session:
+        if cfg.adapt.enabled and not _adapt_teacher(session):
+            return session.finish()  # stopped early (train.stop_at_step): resume continues the adaptation
         recipe = FisherRecipe(session).setup()
         recipe.run()
         profile = recipe.save()
         student_dir = DistillRecipe(session, profile).setup().train().save()
         return _finish_with_eval(session, student_dir)
+
+
+def _adapt_teacher(session: RunSession) -> bool:
+    """Adapt the teacher; when all ``adapt.max_steps`` ran, the rest of the run uses the merged teacher.
+
+    Returns False when ``train.stop_at_step`` ended the adaptation early (checkpointed).
+    """
+    recipe = AdaptRecipe(session).setup().train()
+    merged = recipe.save()
+    recipe.release()
+    if not recipe.complete:
+        return False
+    session.use_teacher(merged)
+    return True
 
 
 def _finish_with_eval(session: RunSession, student_dir: Any, with_teacher: bool = True) -> dict[str, Any]:
@@ -60,6 +84,7 @@ def _finish_with_eval(session: RunSession, student_dir: Any, with_teacher: bool 
 
 
 JOBS: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
+    "adapt": adapt,
     "fisher": fisher,
     "distill": distill,
     "evaluate": evaluate,
@@ -67,8 +92,9 @@ JOBS: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
 }
 
 DESCRIPTIONS = {
+    "adapt": "train LoRA adapters on the teacher (QLoRA on a 4-bit ZeRO-3 base): output_dir/adapt/adapter + merged/",
     "fisher": "measure the layerwise Fisher profile of the teacher (JSON + PNG in output_dir)",
     "distill": "build the student from teacher layers, distil it, save it and score it on the test split",
     "evaluate": "score teacher and student (output_dir/student) on the test split: HR@K, NDCG@K, MRR, latency, memory",
-    "pipeline": "the whole job: Fisher profile, distillation, evaluation of teacher and student, report, MLflow run",
+    "pipeline": "the whole job: (adapt.enabled: teacher adaptation,) Fisher profile, distillation, evaluation of teacher and student, report, MLflow run",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from functools import cached_property
@@ -159,6 +160,16 @@ class RunSession:
                 examples, self.tokenizer, cfg.data, cache_dir=cfg.data.cache_dir or None
             )
         return self._datasets[split]
+
+    def use_teacher(self, model_dir: str | Path) -> RunConfig:
+        """Continue this run with another teacher folder (the adapted, merged one): a new config and a fresh
+        teacher handle for every later stage; the tokenizer, splits and tracker stay."""
+        self.teacher.release()
+        self.cfg = dataclasses.replace(
+            self.cfg, teacher=dataclasses.replace(self.cfg.teacher, model=str(model_dir), gguf_file="")
+        )
+        self.teacher = TeacherHandle(self.cfg)
+        return self.cfg
 
     @cached_property
     def pad_token_id(self) -> int:
