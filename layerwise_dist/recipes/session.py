@@ -94,6 +94,10 @@ class RunSession:
     """
 
     def __init__(self, cfg: RunConfig) -> None:
+        # Resolve attn "auto" once for every model this run loads (pointwise block masks need sdpa/eager).
+        attn = cfg.model_attn_implementation()
+        if attn != cfg.teacher.attn_implementation:
+            cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, attn_implementation=attn))
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.timings: dict[str, float] = {}
@@ -112,6 +116,7 @@ class RunSession:
         init_distributed()
         torch.manual_seed(cfg.train.seed)
         self.ds_config = resolve_ds_config(cfg.ds_config, cfg, "train")
+        self._lock = self._take_lock()
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
@@ -120,7 +125,11 @@ class RunSession:
         self.tokenizer = load_tokenizer(cfg.teacher)
         self.splits = load_splits(cfg.data, progress=is_main())
         self.tracker = make_tracker(
-            cfg.tracking, self.out.parent, run_name=cfg.tracking.run_name or self._run_name(), rank=rank()
+            cfg.tracking,
+            self.out.parent,
+            run_name=cfg.tracking.run_name or self._run_name(),
+            rank=rank(),
+            run_dir=self.out,  # an unreachable server buffers into the run folder (replayed later)
         )
         self.tracker.log_params(cfg.to_dict())
         self.tracker.set_tags(
@@ -139,9 +148,30 @@ class RunSession:
         )
         return self
 
+    def _take_lock(self) -> Any:
+        """Rank 0 locks output_dir for the whole job; every rank learns the outcome (none hangs in a barrier)."""
+        from ..distributed import all_reduce_sum
+        from ..runlock import RunLock, RunLockedError
+
+        lock, error = None, None
+        if is_main():
+            try:
+                lock = RunLock(self.out).acquire()
+            except RunLockedError as e:
+                error = e
+        failed = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)
+        all_reduce_sum(failed)
+        if failed.item() > 0:
+            raise error or RunLockedError(f"{self.out} is in use by another run (rank 0 names it)")
+        return lock
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self.tracker is not None:
-            self.tracker.end("FAILED" if exc_type is not None else "FINISHED")
+        try:
+            if self.tracker is not None:
+                self.tracker.end("FAILED" if exc_type is not None else "FINISHED")
+        finally:
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
 
     def _run_name(self) -> str:
         cfg = self.cfg
