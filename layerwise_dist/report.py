@@ -125,6 +125,68 @@ def results_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Rankers in the order the quality table shows them, with their human names.
+RANKERS = (
+    ("random", "random (exact expectation)"),
+    ("popularity", "popularity (train counts)"),
+    ("teacher_zero_shot", "teacher, zero-shot"),
+    ("teacher", "teacher"),
+    ("student", "student"),
+)
+
+
+def _ranker_metrics(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    adapted = "teacher_zero_shot" in results
+    out = []
+    for key, name in RANKERS:
+        metrics = (results.get("baselines") or {}).get(key) or results.get(key)
+        if isinstance(metrics, Mapping) and "n" in metrics:
+            out.append((f"{name}{', adapted' if key == 'teacher' and adapted else ''}", metrics))
+    return out
+
+
+def _with_ci(metrics: Mapping[str, Any], key: str) -> str:
+    if key not in metrics:
+        return "n/a"
+    lo_hi = (metrics.get("ci95") or {}).get(key)
+    if not lo_hi or lo_hi[0] == lo_hi[1]:
+        return f"{metrics[key]:.4f}"
+    return f"{metrics[key]:.4f} [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]"
+
+
+def quality_rows(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """(ranker, NDCG@10 [95% CI], HR@10 [95% CI], MRR [95% CI], users) for every ranker of the run."""
+    return [
+        (name, _with_ci(m, "ndcg@10"), _with_ci(m, "hr@10"), _with_ci(m, "mrr"), str(m.get("n")))
+        for name, m in _ranker_metrics(results)
+    ]
+
+
+def paired_rows(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """(a - b, NDCG@10 difference [95% paired CI], HR@10 difference [...]) rows."""
+    rows = []
+    for pair, metrics in (results.get("paired") or {}).items():
+        cells = []
+        for key in ("ndcg@10", "hr@10"):
+            d = metrics.get(key)
+            cells.append("n/a" if d is None else f"{d['difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+        rows.append((pair, *cells))
+    return rows
+
+
+def quality_table(results: Mapping[str, Any]) -> str:
+    """Plain-text table of every ranker with its 95% bootstrap interval over users (what the CLI prints)."""
+    rows = quality_rows(results)
+    if not rows:
+        return ""
+    header = ("ranker", "NDCG@10 [95% CI]", "HR@10 [95% CI]", "MRR [95% CI]", "users")
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -173,6 +235,22 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path,
     for note in results.get("notes") or []:
         lines.append(f"- {note}")
     if results.get("notes"):
+        lines.append("")
+    quality = quality_rows(results)
+    if quality:
+        config = results.get("config") or {}
+        lines += ["## Ranking quality, every ranker on the same users", ""]
+        lines.append(
+            f"{config.get('examples', '?')} test users, {config.get('candidates', '?')} candidates each "
+            f"({config.get('formulation', 'listwise')} formulation); 95% bootstrap intervals over users."
+        )
+        lines.append("")
+        lines += _md_table(("ranker", "NDCG@10 [95% CI]", "HR@10 [95% CI]", "MRR [95% CI]", "users"), quality)
+        lines.append("")
+    paired = paired_rows(results)
+    if paired:
+        lines += ["### Paired differences (same users; 95% paired bootstrap interval)", ""]
+        lines += _md_table(("a - b", "NDCG@10", "HR@10"), paired)
         lines.append("")
     lines += ["## Teacher vs student", ""]
     lines += _md_table(("metric", "teacher", "student", "student vs teacher"), _rows(results))

@@ -87,8 +87,11 @@ def _print_summary(cfg: RunConfig, results: dict[str, Any]) -> None:
         return
     out = Path(cfg.output_dir)
     if "teacher" in results or "student" in results:
-        from .report import results_table
+        from .report import quality_table, results_table
 
+        quality = quality_table(results)
+        if quality:
+            print("\nranking quality, same users (95% bootstrap intervals):\n" + quality)
         print("\n" + results_table(results))
         print(f"\nreport: {out / 'report.md'}\nchart:  {out / 'report.png'}")
     if cfg.tracking.enabled:

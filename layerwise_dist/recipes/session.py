@@ -104,6 +104,8 @@ class RunSession:
         self.results: dict[str, Any] = {}
         self.teacher = TeacherHandle(cfg)
         self._datasets: dict[str, Any] = {}
+        self._rank_examples: dict[str, list[Any]] = {}
+        self.base_teacher = cfg.teacher  # the zero-shot teacher, kept when adaptation swaps in the merged one
         self._t0 = time.perf_counter()
         self.tracker: Any = None
 
@@ -177,17 +179,34 @@ class RunSession:
         cfg = self.cfg
         return f"{self.out.name}-{cfg.student.num_layers}L-{cfg.student.selection}-{cfg.distill.layer_weighting}"
 
-    def examples(self, split: str) -> Any:
-        """Tokenized examples of a split (cached by HF datasets across runs)."""
-        if split not in self._datasets:
-            from ..data import build_examples, tokenize_examples
+    def rank_examples(self, split: str) -> list[Any]:
+        """The split's :class:`~layerwise_dist.data.RankExample` list (candidates and targets), before tokens.
+
+        For valid/test, ``eval.max_examples`` users are a seeded sample (``data.seed``) kept in split
+        order: the same users and candidates for every model and baseline of the run.
+        """
+        if split not in self._rank_examples:
+            import random
+
+            from ..data import build_examples
 
             cfg = self.cfg
             examples = build_examples(self.splits, split, cfg.data, self.tokenizer)
-            if split in ("test", "valid") and cfg.eval.max_examples:
-                examples = examples[: cfg.eval.max_examples]
+            n = cfg.eval.max_examples
+            if split in ("test", "valid") and n and n < len(examples):
+                keep = sorted(random.Random(cfg.data.seed).sample(range(len(examples)), n))
+                examples = [examples[i] for i in keep]
+            self._rank_examples[split] = examples
+        return self._rank_examples[split]
+
+    def examples(self, split: str) -> Any:
+        """Tokenized examples of a split (cached by HF datasets across runs)."""
+        if split not in self._datasets:
+            from ..data import tokenize_examples
+
+            cfg = self.cfg
             self._datasets[split] = tokenize_examples(
-                examples, self.tokenizer, cfg.data, cache_dir=cfg.data.cache_dir or None
+                self.rank_examples(split), self.tokenizer, cfg.data, cache_dir=cfg.data.cache_dir or None
             )
         return self._datasets[split]
 
