@@ -30,6 +30,13 @@ _EXPORTS = {
     "DistillationLoss": "layerwise_dist.losses",
     "rank_metrics": "layerwise_dist.evaluation",
     "evaluate_model": "layerwise_dist.evaluation",
+    "evaluate_per_example": "layerwise_dist.evaluation",
+    "bootstrap_ci": "layerwise_dist.evaluation",
+    "paired_bootstrap_ci": "layerwise_dist.evaluation",
+    "evaluate_baselines": "layerwise_dist.baselines",
+    "PointwiseDistillationLoss": "layerwise_dist.losses",
+    "score_candidates": "layerwise_dist.pointwise",
+    "plan": "layerwise_dist.planner",
 }
 _ALIASES = {"run_pipeline": ("layerwise_dist.recipes.jobs", "pipeline")}
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_cli
 
-COMMANDS = ["fisher", "distill", "evaluate", "pipeline"]
+COMMANDS = ["adapt", "fisher", "distill", "evaluate", "pipeline"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -12,7 +12,7 @@
 from .errors import BadRows, DataError
 from .examples import NegativeSampler, build_examples, stable_seed
 from .prepare import add_prepare_arguments, prepare, run_prepare
-from .prompts import LABELS, RankExample, encode, label_token_ids, render_prompt
+from .prompts import LABELS, RankExample, encode, label_token_ids, pointwise_phrases, render_pointwise, render_prompt
 from .readers import category_from_filename, read_reviews, read_titles
 from .sampler import RankSampler, load_batch
 from .sources import (
@@ -49,9 +49,11 @@ __all__ = [
     "label_token_ids",
     "load_batch",
     "load_splits",
+    "pointwise_phrases",
     "prepare",
     "read_reviews",
     "read_titles",
+    "render_pointwise",
     "render_prompt",
     "run_prepare",
     "splits_from_source",
