@@ -102,9 +102,11 @@ class CheckpointStore:
         tag = f"step{state.step}"
         tag_dir = self.folder / tag
         if is_main() and tag_dir.exists():
-            # Left by an interrupted save of this step (a resume fell back past it): its stale
-            # markers must not vouch for the new shards. The all_gather below orders this removal
-            # before any rank writes.
+            # Left by an interrupted or damaged save of this step (a resume fell back past it): its
+            # stale markers must not vouch for the new shards, nor `latest` name it meanwhile. The
+            # all_gather below orders this removal before any rank writes.
+            if self._latest_name() == tag:
+                (self.folder / "latest").unlink()
             shutil.rmtree(tag_dir)
         rng: list[Any] = [None] * world_size()
         rng[rank()] = torch.get_rng_state()
@@ -144,6 +146,8 @@ class CheckpointStore:
             return "no such folder"
         first = tag_dir / MARKER.format(0)
         if not first.is_file():
+            if not any(tag_dir.glob("rank*.done")):
+                return "no rank finished writing it (no rank*.done)"
             return "rank 0 never finished writing it (no rank0.done)"
         try:
             n = int(json.loads(first.read_text())["world_size"])
@@ -185,19 +189,19 @@ class CheckpointStore:
     def newest_complete(self) -> tuple[str | None, list[str]]:
         """The newest complete tag (None if there is none) and one line per newer tag skipped, saying why.
 
-        A tag without any marker was written before markers existed: it counts only when
-        ``latest`` names it (DeepSpeed's own word, unverified).
+        A tag without any marker that ``latest`` names was written before markers existed (``latest``
+        is published only after every marker, and unlinked before its tag is rewritten): it is
+        trusted, unverified, as DeepSpeed would.
         """
         latest = self._latest_name()
         skipped: list[str] = []
         for tag_dir in self._tags():
-            legacy = not any(tag_dir.glob("rank*.done"))
-            if legacy and tag_dir.name == latest:
+            if tag_dir.name == latest and not any(tag_dir.glob("rank*.done")):
                 log.warning(
                     "checkpoint %s has no completion markers (older format): trusted as 'latest' names it", latest
                 )
                 return tag_dir.name, skipped
-            problem = "no completion markers and not named by 'latest'" if legacy else self.check(tag_dir)
+            problem = self.check(tag_dir)
             if not problem:
                 return tag_dir.name, skipped
             skipped.append(f"{tag_dir.name}: {problem}")

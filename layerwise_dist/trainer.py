@@ -97,12 +97,27 @@ def stop_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _deferred_stop() -> Iterator[None]:
+def deferred_stop() -> Iterator[None]:
+    """Inside a training loop: SIGTERM/SIGINT are only noted; the loop polls :func:`agreed_stop_signal`."""
     _STOP.deferring += 1
     try:
         yield
     finally:
         _STOP.deferring -= 1
+
+
+def agreed_stop_signal() -> int:
+    """The signal some rank got (0: none), the same on every rank: one all-reduce (max); collective."""
+    local = float(_STOP.signum or 0)
+    if world_size() == 1:
+        return int(local)
+    import torch.distributed as dist
+
+    from .distributed import backend, device
+
+    flag = torch.tensor([local], dtype=torch.float64, device=device() if backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 class StudentWithAligner(nn.Module):
@@ -248,7 +263,7 @@ class DistillationRunner:
         )
         start = time.perf_counter()
         end = min(t.max_steps, t.stop_at_step) if t.stop_at_step else t.max_steps
-        with _deferred_stop():
+        with deferred_stop():
             self._loop(sampler, bar, end)
             bar.close()
             elapsed = time.perf_counter() - start
@@ -295,23 +310,10 @@ class DistillationRunner:
                 self.validate()
             if t.save_every and self.state.step % t.save_every == 0 and self.state.step < t.max_steps:
                 self.save_checkpoint()
-            signum = self._agreed_stop_signal()
+            signum = agreed_stop_signal()
             if signum:
                 bar.close()
                 self._stop(signum)
-
-    def _agreed_stop_signal(self) -> int:
-        """The signal some rank got (0: none), the same on every rank: one all-reduce (max) per step."""
-        local = float(_STOP.signum or 0)
-        if world_size() == 1:
-            return int(local)
-        import torch.distributed as dist
-
-        from .distributed import backend, device
-
-        flag = torch.tensor([local], dtype=torch.float64, device=device() if backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
 
     def _stop(self, signum: int) -> None:
         """Every rank at the same step boundary: checkpoint (when train.save_on_signal), then raise."""
