@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig
 from .distributed import barrier, get_logger, is_main
+from .export import swap_in
 
 log = get_logger()
 
@@ -298,15 +298,6 @@ def merged_model(base_dir: str | Path, state: dict[str, torch.Tensor]) -> nn.Mod
 
 
 # ---------------------------------------------------------------- export
-def _swap_in(tmp: Path, folder: Path) -> None:
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _tmp(folder: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -341,7 +332,7 @@ def export_adapted(
             peft_model.save_pretrained(str(tmp), state_dict=adapters, safe_serialization=True)
         finally:
             config.base_model_name_or_path = saved_base
-        _swap_in(tmp, adapter_dir)
+        swap_in(tmp, adapter_dir)
 
         model = merged_model(base_dir, merged)
         if info:
@@ -350,7 +341,7 @@ def export_adapted(
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _swap_in(tmp, merged_dir)
+        swap_in(tmp, merged_dir)
         log.info("adapted teacher: adapters in %s, merged fp32 model in %s", adapter_dir, merged_dir)
     barrier()
     return adapter_dir, merged_dir

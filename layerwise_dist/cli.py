@@ -400,30 +400,36 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tracking_replay(args: argparse.Namespace) -> int:
+def _one_line_errors(action: Any) -> int:
+    """Run ``action()`` (which prints its own result): 0, or 2 with bad input as one line on stderr."""
     from .errors import KNOWN_ERRORS, one_line
-    from .tracking import replay
 
     try:
-        run_id = replay(args.buffer, tracking_uri=args.tracking_uri, end_status=args.end_status)
+        action()
     except KNOWN_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(f"replayed into MLflow run {run_id}")
     return 0
+
+
+def _tracking_replay(args: argparse.Namespace) -> int:
+    from .tracking import replay
+
+    def action() -> None:
+        run_id = replay(args.buffer, tracking_uri=args.tracking_uri, end_status=args.end_status)
+        print(f"replayed into MLflow run {run_id}")
+
+    return _one_line_errors(action)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .errors import KNOWN_ERRORS, one_line
     from .export import export_checkpoint
 
-    try:
+    def action() -> None:
         out = export_checkpoint(args.checkpoint_dir, args.out, tag=args.tag, model_config=args.model_config)
-    except KNOWN_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(f"exported: {out}")
-    return 0
+        print(f"exported: {out}")
+
+    return _one_line_errors(action)
 
 
 def _recommend(args: argparse.Namespace) -> int:

@@ -245,31 +245,26 @@ def test_lm_head_only_at_candidate_positions(model, user):
 def _other_model(name: str, impl: str):
     import transformers
 
+    shape = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     if name == "qwen2":
         if not hasattr(transformers, "Qwen2ForCausalLM"):
             pytest.skip("transformers has no Qwen2")
-        config = transformers.Qwen2Config(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
+        config = transformers.Qwen2Config(**shape)
         cls = transformers.Qwen2ForCausalLM
     else:
         if not hasattr(transformers, "Gemma3ForCausalLM"):
             pytest.skip("transformers has no Gemma3")
         config = transformers.Gemma3TextConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **shape,
             head_dim=16,
-            max_position_embeddings=512,
             sliding_window=512,  # longer than any test sequence: the packed mask is the whole story
             final_logit_softcapping=30.0,
         )
