@@ -216,6 +216,9 @@ def worker(args: argparse.Namespace) -> None:
     from layerwise_dist.models.teacher import resolve_model_dir
 
     deepspeed.init_distributed()
+    from layerwise_dist.distributed import release_shm_names
+
+    release_shm_names()  # DeepSpeed never unlinks its /dev/shm buffers
     rank = int(os.environ.get("RANK", "0"))
     folder = resolve_model_dir(TeacherConfig(model=args.model))
     layers = list(range(args.student_layers))

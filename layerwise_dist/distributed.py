@@ -84,8 +84,33 @@ def init_distributed() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend())
+    release_shm_names()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+
+
+def release_shm_names() -> None:
+    """Unlink the names of DeepSpeed's CPU all-reduce buffers once every rank has mapped them.
+
+    DeepSpeed's CPU shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (66 MB each) and never unlinks it, so every multi-rank CPU run, finished or killed, leaves them
+    behind until the machine runs out of memory. Every rank has opened every peer's buffer when
+    ``init_distributed`` returns; after a barrier the names can go: the mappings stay valid and the
+    kernel frees the memory when the last rank exits, however it exits.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    port = os.environ.get("MASTER_PORT", "")
+    if not port or not os.path.isdir("/dev/shm"):
+        return
+    dist.barrier()
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{dist.get_rank()}"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def free_port() -> int:

@@ -1,0 +1,50 @@
+"""DeepSpeed's CPU all-reduce buffers (66 MB per rank in /dev/shm) do not outlive a run, finished or killed."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, VENV_BIN, free_port, run_cli, run_env
+
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+
+
+def _buffers(port: int) -> list[str]:
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+
+
+def test_finished_run_leaves_no_shm_buffers(tmp_path):
+    port = free_port()
+    out = run_cli(
+        ["fisher", "--preset", "tiny", "--nproc", "2", "--master_port", str(port), f"output_dir={tmp_path}/r"]
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _buffers(port) == []
+
+
+def test_killed_run_leaves_no_shm_buffers(tmp_path):
+    """SIGKILL to the whole tree once training runs: nothing of DeepSpeed's shm names is left behind."""
+    port = free_port()
+    cmd = [str(VENV_BIN / "layerwise-dist"), "distill", "--preset", "tiny", "--nproc", "2", "--master_port", str(port)]
+    cmd += ["train.max_steps=500", "student.selection=uniform", "distill.layer_weighting=linear"]
+    cmd += [f"output_dir={tmp_path}/r"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and not (tmp_path / "r" / "layer_weights.json").exists():
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+        assert (tmp_path / "r" / "layer_weights.json").exists(), "training never started"
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(1)
+    assert _buffers(port) == []
