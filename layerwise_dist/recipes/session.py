@@ -210,13 +210,15 @@ class RunSession:
             )
         return self._datasets[split]
 
-    def use_teacher(self, model_dir: str | Path) -> RunConfig:
+    def use_teacher(self, model_dir: str | Path, quantization: str | None = None) -> RunConfig:
         """Continue this run with another teacher folder (the adapted, merged one): a new config and a fresh
-        teacher handle for every later stage; the tokenizer, splits and tracker stay."""
+        teacher handle for every later stage; the tokenizer, splits and tracker stay. ``quantization``
+        replaces ``teacher.quantization`` for it (None: keep)."""
         self.teacher.release()
-        self.cfg = dataclasses.replace(
-            self.cfg, teacher=dataclasses.replace(self.cfg.teacher, model=str(model_dir), gguf_file="")
-        )
+        changes: dict[str, Any] = {"model": str(model_dir), "gguf_file": ""}
+        if quantization is not None:
+            changes["quantization"] = quantization
+        self.cfg = dataclasses.replace(self.cfg, teacher=dataclasses.replace(self.cfg.teacher, **changes))
         self.teacher = TeacherHandle(self.cfg)
         return self.cfg
 
