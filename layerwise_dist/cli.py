@@ -66,6 +66,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
     """
     from .ds_config import ds_config_path
     from .errors import KNOWN_ERRORS, one_line
+    from .models.teacher import resolve_model_dir
     from .recipes.distill import check_memory, check_student_choice
     from .worker import resolve, run_job
 
@@ -73,6 +74,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
         nproc = _check_nproc(args)
         cfg = resolve(args)
         ds_config_path(cfg.ds_config)
+        resolve_model_dir(cfg.teacher)  # a wrong teacher path is one line before any rank or file
         if command in ("distill", "pipeline"):
             check_student_choice(cfg)  # before any rank starts and before the Fisher pass
             check_memory(cfg, nproc)  # the planner: stop now when the placement cannot fit

@@ -132,3 +132,11 @@ def test_student_model_with_another_tokenizer_is_refused_by_content(tmp_path):
         timeout=300,
     )
     _one_line_error(out, "StudentError", "vocabulary differs")
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_missing_teacher_writes_nothing(tmp_path, nproc):
+    out = run_cli(["adapt", "--preset", "tiny", "--nproc", nproc, f"teacher.model={tmp_path}/nothere"]
+                  + [f"output_dir={tmp_path}/run"], timeout=120)  # fmt: skip
+    _one_line_error(out, "ModelLoadError", "nothere")
+    assert not (tmp_path / "run").exists()

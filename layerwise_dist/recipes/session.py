@@ -119,13 +119,14 @@ class RunSession:
         torch.manual_seed(cfg.train.seed)
         self.ds_config = resolve_ds_config(cfg.ds_config, cfg, "train")
         self._lock = self._take_lock()
+        # Teacher and data are checked before anything is written into output_dir.
+        self.tokenizer = load_tokenizer(cfg.teacher)
+        self.splits = load_splits(cfg.data, progress=is_main())
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
             (self.out / "ds_config.resolved.json").write_text(json.dumps(self.ds_config, indent=2))
         barrier()
-        self.tokenizer = load_tokenizer(cfg.teacher)
-        self.splits = load_splits(cfg.data, progress=is_main())
         self.tracker = make_tracker(
             cfg.tracking,
             self.out.parent,
