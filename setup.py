@@ -33,6 +33,6 @@ setup(
         "psutil>=5.9",
         "peft>=0.13",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"], "gpu": ["flash-attn>=2.5"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"], "gpu": ["flash-attn>=2.5"]},
     entry_points={"console_scripts": ["layerwise-dist=layerwise_dist.cli:main"]},
 )

@@ -81,12 +81,78 @@ def init_distributed() -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+    prepare_shm_op()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend())
     release_shm_names()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+
+
+_SHM_OP_READY = False
+
+
+def extensions_dir() -> str:
+    """Where torch JIT-builds C++ ops (DeepSpeed's CPU shm comm op) for this environment.
+
+    ``TORCH_EXTENSIONS_DIR`` when set; else, inside a virtual environment, ``<venv>/torch_extensions``
+    (set in the environment, so ranks and subprocesses agree). torch's own default,
+    ``~/.cache/torch_extensions/py311_cpu``, is shared by every environment of a user: an op built
+    against one torch is loaded by another, and one killed build blocks them all (below).
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return root
+    if sys.prefix != getattr(sys, "base_prefix", sys.prefix):
+        root = os.path.join(sys.prefix, "torch_extensions")
+        os.environ["TORCH_EXTENSIONS_DIR"] = root
+        return root
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return os.path.dirname(_get_build_directory("deepspeed_shm_comm", verbose=False))
+
+
+def prepare_shm_op(verbose: bool = False) -> None:
+    """Load (building once) DeepSpeed's CPU shm comm op, safe against builds killed half-way.
+
+    Every load of a torch JIT op, built or not, takes the baton file ``<build dir>/lock`` (``O_EXCL``)
+    and removes it after; a process killed inside that window (a SIGKILLed rank, a session's end)
+    leaves the file, and every later load waits on it forever: this hung a CI run for its whole
+    90 minutes. Here each load holds an ``flock`` on ``<extensions dir>/.layerwise_dist.flock``,
+    which the kernel releases however its holder dies, so a baton found while holding it was left
+    by a dead process and is removed. DeepSpeed caches the loaded op per process;
+    ``deepspeed.init_distributed`` then reuses it. No-op on CUDA (NCCL, no shm op).
+    """
+    global _SHM_OP_READY
+    if _SHM_OP_READY or torch.cuda.is_available():
+        return
+    import fcntl
+
+    root = extensions_dir()
+    os.makedirs(root, exist_ok=True)
+    baton = os.path.join(root, "deepspeed_shm_comm", "lock")
+    with open(os.path.join(root, ".layerwise_dist.flock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(baton):
+                get_logger().warning(
+                    "removing %s: a build lock left by a process killed while loading the op", baton
+                )
+                os.unlink(baton)
+            from deepspeed.comm.torch import build_shm_op
+
+            if verbose:
+                build_shm_op()
+            else:
+                import contextlib
+                import io
+
+                with contextlib.redirect_stdout(io.StringIO()):
+                    build_shm_op()
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    _SHM_OP_READY = True
 
 
 def release_shm_names() -> None:

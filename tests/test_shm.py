@@ -48,3 +48,27 @@ def test_killed_run_leaves_no_shm_buffers(tmp_path):
         proc.wait()
     time.sleep(1)
     assert _buffers(port) == []
+
+
+def test_stale_build_lock_is_removed_not_waited_on():
+    """A process killed while loading the op leaves torch's baton ``<build dir>/lock``; torch alone then
+    waits on it forever (a CI run hung 90 minutes so). The next load removes it and goes on."""
+    env = run_env()
+    code = "from layerwise_dist.distributed import extensions_dir; print(extensions_dir())"
+    root = subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, capture_output=True, text=True, check=True)
+    baton = os.path.join(root.stdout.strip(), "deepspeed_shm_comm", "lock")
+    os.makedirs(os.path.dirname(baton), exist_ok=True)
+    with open(baton, "w"):
+        pass
+    code = "from layerwise_dist.distributed import prepare_shm_op; prepare_shm_op(); print('loaded')"
+    try:
+        out = subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    finally:
+        stale = os.path.exists(baton)
+        if stale:
+            os.unlink(baton)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("loaded")
+    assert "build lock left by a process killed" in out.stderr
+    assert not stale

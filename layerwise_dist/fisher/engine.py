@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from layerwise_dist.distributed import prepare_shm_op
 from layerwise_dist.fisher.hooks import is_norm
 
 
@@ -49,6 +50,7 @@ def make_fisher_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(trainable, lr=0.0)
+    prepare_shm_op()  # deepspeed.initialize may start the process group itself
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
