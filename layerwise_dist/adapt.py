@@ -59,10 +59,10 @@ def base_quantization(cfg: RunConfig) -> str:
 def check_adapt_config(cfg: RunConfig) -> None:
     """Refuse what adaptation cannot do, with the setting to change (ConfigError)."""
     base_quantization(cfg)
-    if cfg.adapt.list_loss_weight > 0:
+    if cfg.adapt.list_loss_weight > 0 and cfg.data.formulation != "pointwise":
         raise ConfigError(
-            f"adapt.list_loss_weight={cfg.adapt.list_loss_weight}: the list-level loss over the candidates is not "
-            "implemented yet; adaptation trains the causal-LM loss on the labelled tokens only (set it to 0)"
+            f"adapt.list_loss_weight={cfg.adapt.list_loss_weight} is a pointwise option (a CE over the candidates' "
+            "title scores); listwise adaptation already trains the CE over the answer letters: set it to 0"
         )
 
 

@@ -464,6 +464,80 @@ def _token_log_probs(logits: torch.Tensor, index: torch.Tensor, targets: torch.T
     return logits[index, targets] - torch.logsumexp(logits, dim=-1)[index]
 
 
+def slot_scores(sums: torch.Tensor, counts: torch.Tensor, packed: PackedBatch, score: str) -> list[torch.Tensor]:
+    """Per user the [C_b] candidate scores (``mean``, ``sum`` or ``pmi``) from per-slot log-prob sums and
+    token counts [S] of a packed batch (slots ordered user, group, candidate)."""
+    scores, start = [], 0
+    for n_cand in packed.num_candidates:
+        block = sums[start : start + packed.num_groups * n_cand].view(packed.num_groups, n_cand)
+        if score == "mean":
+            scores.append(block[0] / counts[start : start + n_cand])
+        elif score == "sum":
+            scores.append(block[0])
+        else:
+            scores.append(block[0] - block[1])
+        start += packed.num_groups * n_cand
+    return scores
+
+
+def packed_slot_sums(logits: torch.Tensor, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums, counts)`` [S]: each slot's fp32 title log-prob sum and token count, from the logits [U, V]
+    that :func:`packed_forward` returns."""
+    _, index = packed_logit_positions(packed)
+    num_slots = packed.slot_row.numel()
+    counts = torch.bincount(packed.token_slot, minlength=num_slots).float()
+    lp = _token_log_probs(logits, index, packed.token_target)
+    return lp.new_zeros(num_slots).index_add(0, packed.token_slot, lp), counts
+
+
+def target_slots(packed: PackedBatch, target_index: torch.Tensor) -> torch.Tensor:
+    """The slot of each user's target candidate (in the history group) [B]."""
+    n_cand = torch.tensor(packed.num_candidates, device=target_index.device)
+    if target_index.shape != n_cand.shape or bool(((target_index < 0) | (target_index >= n_cand)).any()):
+        raise LossInputError(f"target_index {target_index.tolist()} out of range for {packed.num_candidates} candidates")
+    group_starts = torch.cumsum(packed.num_groups * n_cand, 0) - packed.num_groups * n_cand
+    return group_starts + target_index
+
+
+class PointwiseListLoss(nn.Module):
+    """Pointwise adaptation objective from one packed forward: title modelling plus a list-level CE.
+
+    ``total = CE_title + w * CE_list`` with, per user ``b`` (target ``y_b``, candidates ``c``, scores
+    ``s_bc`` by ``score``: ``mean``/``sum`` of the title tokens' log-probs given the history, or ``pmi``):
+
+    - ``CE_title = (1/B) sum_b -(1/n_{y_b}) sum_{k in y_b} lp_k``: the target title's mean token NLL;
+    - ``CE_list = (1/B) sum_b -log softmax_c(s_bc)[y_b]``: the target against the other candidates.
+
+    ``w = 0`` is title modelling alone, on per-user means (the packed forward then only costs more).
+    Components: ``title``, ``list``.
+    """
+
+    def __init__(self, list_weight: float, score: str = "mean") -> None:
+        super().__init__()
+        if score not in SCORE_MODES:
+            raise LossInputError(f"pointwise score must be one of {', '.join(SCORE_MODES)}; got {score!r}")
+        if list_weight < 0:
+            raise LossInputError(f"list loss weight must be >= 0; got {list_weight}")
+        self.list_weight = float(list_weight)
+        self.score = score
+
+    def forward(self, logits: torch.Tensor, packed: PackedBatch, target_index: torch.Tensor) -> tuple:
+        if (self.score == "pmi") != (packed.num_groups == 2):
+            raise LossInputError(
+                f"pointwise score {self.score!r} with {packed.num_groups} prefix group(s): 'pmi' needs the "
+                "unconditional group, 'mean'/'sum' run on packed.history_only()"
+            )
+        sums, counts = packed_slot_sums(logits, packed)
+        slots = target_slots(packed, target_index)
+        title = -(sums[slots] / counts[slots]).mean()
+        scores = slot_scores(sums, counts, packed, self.score)
+        listwise = torch.stack(
+            [-torch.log_softmax(s, -1)[int(y)] for s, y in zip(scores, target_index.tolist())]
+        ).mean()
+        total = title + self.list_weight * listwise
+        return total, {"title": title.detach(), "list": listwise.detach()}
+
+
 class PointwiseDistillationLoss(DistillationLoss):
     """The objective of the pointwise formulation, from one packed forward of student and teacher.
 
@@ -519,17 +593,7 @@ class PointwiseDistillationLoss(DistillationLoss):
 
     def _scores(self, sums: torch.Tensor, counts: torch.Tensor, packed: PackedBatch) -> list[torch.Tensor]:
         """Per user the [C_b] candidate scores from per-slot log-prob sums and token counts [S]."""
-        scores, start = [], 0
-        for n_cand in packed.num_candidates:
-            block = sums[start : start + packed.num_groups * n_cand].view(packed.num_groups, n_cand)
-            if self.score == "mean":
-                scores.append(block[0] / counts[start : start + n_cand])
-            elif self.score == "sum":
-                scores.append(block[0])
-            else:
-                scores.append(block[0] - block[1])
-            start += packed.num_groups * n_cand
-        return scores
+        return slot_scores(sums, counts, packed, self.score)
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Mapping[str, Any]) -> tuple:
         """Returns ``(total, components)``; components hold detached fp32 scalars."""

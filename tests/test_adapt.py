@@ -136,8 +136,9 @@ def test_only_adapters_train_and_loss_is_masked_ce():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="list-level loss"):
-        check_adapt_config(_cfg("adapt.list_loss_weight=0.5"))
+    with pytest.raises(ConfigError, match="is a pointwise option"):
+        check_adapt_config(_cfg("adapt.list_loss_weight=0.5", "data.formulation=listwise"))
+    check_adapt_config(_cfg("adapt.list_loss_weight=0.5", "data.formulation=pointwise"))
     with pytest.raises(ConfigError, match="teacher.quantization=nf4"):
         check_adapt_config(_cfg("teacher.quantization=int8"))
     check_adapt_config(_cfg("teacher.quantization=int8", "adapt.quantized_base=false"))
@@ -310,3 +311,21 @@ def test_cli_adapt_help():
     out = run_cli(["adapt", "--help"])
     assert out.returncode == 0, out.stderr
     assert "usage: layerwise-dist adapt" in out.stdout and "LoRA adapters" in out.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_pointwise_adapt_with_list_loss(tmp_path):
+    """layerwise-dist adapt, pointwise with a list-level loss: both terms logged per step, the total their sum."""
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    args = ["adapt", "--preset", "tiny", "--nproc", "1", "data.formulation=pointwise", "adapt.list_loss_weight=0.5"]
+    args += [TARGETS, "adapt.max_steps=3", "adapt.micro_batch_size=2", "adapt.lr=5e-3", "adapt.warmup_steps=1"]
+    _ok(run_cli([*args, "teacher.quantization=none", "tracking.enabled=false", f"output_dir={run}"]))
+    history = json.loads((run / "adapt" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for h in history:
+        assert h["loss_title"] > 0 and h["loss_list"] > 0
+        assert h["loss"] == pytest.approx(h["loss_title"] + 0.5 * h["loss_list"], rel=1e-5)
+    assert (run / "adapt" / "merged" / "config.json").is_file()

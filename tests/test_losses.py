@@ -624,3 +624,50 @@ def test_pointwise_loss_refuses_inconsistent_inputs(pointwise_models):
     assert isinstance(made, PointwiseDistillationLoss) and made.score == "pmi"
     listwise = distillation_loss(load_config("tiny", ["tracking.enabled=false"]), [1.0], [0], 64, 64)
     assert type(listwise) is DistillationLoss
+
+
+@pytest.mark.parametrize("score", ["mean", "sum", "pmi"])
+def test_pointwise_list_loss_equals_its_definition_on_separate_sequences(pointwise_models, score):
+    """Adaptation's title + list CE from one packed forward against C separate forwards per user."""
+    from layerwise_dist.losses import PointwiseListLoss, packed_forward
+    from layerwise_dist.pointwise import score_candidates_separately
+
+    teacher, _, _ = pointwise_models
+    loss = PointwiseListLoss(0.6, score=score)
+    batch, prefixes, candidates, uncond = _packed_batch(score)
+    with torch.no_grad():
+        total, comp = loss(packed_forward(teacher, batch["packed"]).logits, batch["packed"], batch["target_index"])
+        titles, lists = [], []
+        for b, (prefix, cands) in enumerate(zip(prefixes, candidates)):
+            y = int(batch["target_index"][b])
+            z = _separate_token_logits(teacher, prefix, cands[y])
+            lp = F.log_softmax(z.double(), -1).gather(-1, torch.tensor(cands[y])[:, None]).squeeze(-1)
+            titles.append(-lp.mean())
+            scores = score_candidates_separately(teacher, prefix, cands, score, uncond if score == "pmi" else None)
+            lists.append(-F.log_softmax(scores.double(), -1)[y])
+    title, listwise = torch.stack(titles).mean(), torch.stack(lists).mean()
+    assert comp["title"].item() == pytest.approx(title.item(), rel=1e-4)
+    assert comp["list"].item() == pytest.approx(listwise.item(), rel=1e-4)
+    assert listwise.item() > 0.1  # the candidates are not all equally likely
+    assert total.item() == pytest.approx((title + 0.6 * listwise).item(), rel=1e-4)
+
+
+def test_pointwise_list_loss_gradients_and_errors(pointwise_models):
+    from layerwise_dist.losses import LossInputError, PointwiseListLoss, packed_forward
+
+    teacher, _, _ = pointwise_models
+    batch, *_ = _packed_batch("mean")
+    total, _ = PointwiseListLoss(1.0)(packed_forward(teacher, batch["packed"]).logits, batch["packed"],
+                                      batch["target_index"])  # fmt: skip
+    total.backward()
+    grad = teacher.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    teacher.zero_grad(set_to_none=True)
+    with pytest.raises(LossInputError, match="unconditional group"):
+        PointwiseListLoss(1.0, "pmi")(torch.zeros(1, PV), batch["packed"], batch["target_index"])
+    with pytest.raises(LossInputError, match=">= 0"):
+        PointwiseListLoss(-1.0)
+    with pytest.raises(LossInputError, match="out of range"):
+        with torch.no_grad():
+            logits = packed_forward(teacher, batch["packed"]).logits
+        PointwiseListLoss(1.0)(logits, batch["packed"], batch["target_index"] + 100)

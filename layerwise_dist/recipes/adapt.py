@@ -8,7 +8,10 @@
   :class:`~layerwise_dist.data.RankSampler`; with ``train.resume=true`` the newest
   checkpoint in ``<output_dir>/adapt/checkpoints``.
 * ``train``: ``adapt.max_steps`` optimizer steps of the causal-LM loss on the labelled
-  tokens (pointwise: the target title given the history; listwise: the answer letter).
+  tokens (pointwise: the target title given the history; listwise: the answer letter);
+  pointwise with ``adapt.list_loss_weight > 0``: :class:`~layerwise_dist.losses.PointwiseListLoss`
+  (the target title's mean NLL plus that weight times a CE over all candidates' scores) from
+  one packed forward per batch.
   ``train.stop_at_step`` and ``train.resume`` apply here as in distillation: the run ends
   after that many steps of the adapt schedule, checkpointed, and a resumed run continues
   at the exact step (batch ``i`` is a function of ``adapt.seed`` and ``i`` only).
@@ -45,6 +48,7 @@ from ..data.errors import DataError
 from ..data.sampler import RankSampler, load_batch
 from ..distributed import all_reduce_sum, barrier, get_logger, is_main, world_size
 from ..ds_config import resolve_ds_config
+from ..losses import PointwiseListLoss, packed_forward
 from .session import RunSession, describe_placement
 
 log = get_logger()
@@ -88,6 +92,8 @@ class AdaptRecipe:
         self.model: Any = None
         self.finished: dict[str, Any] | None = None
         self.seconds_per_step = 0.0
+        self.list_loss: PointwiseListLoss | None = None
+        self._parts: dict[str, float] = {}
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> AdaptRecipe:
@@ -95,6 +101,8 @@ class AdaptRecipe:
         self.finished = self._setup_finished()
         if self.finished is not None:
             return self
+        if self.cfg.adapt.list_loss_weight > 0:  # check_adapt_config: pointwise only
+            self.list_loss = PointwiseListLoss(self.cfg.adapt.list_loss_weight, self.cfg.data.pointwise_score)
         self.data, self.sampler = self._setup_data()
         self.ds_config = self._setup_ds_config()
         self.model = self._setup_model()
@@ -179,9 +187,19 @@ class AdaptRecipe:
         return engine
 
     # ---------------------------------------------------------------- loop
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return causal_lm_loss(out.logits, batch["labels"])
+    def _forward_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.list_loss is None:
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return causal_lm_loss(out.logits, batch["labels"])
+        # Pointwise with a list-level loss: one packed forward scores every candidate (shared prefix).
+        packed = batch["packed"]
+        if self.cfg.data.pointwise_score != "pmi":
+            packed = packed.history_only()
+        out = packed_forward(self.engine, packed, self.model)
+        loss, parts = self.list_loss(out.logits, packed, batch["target_index"])
+        for name, value in parts.items():
+            self._parts[name] = self._parts.get(name, 0.0) + float(value) / self.cfg.adapt.grad_accum
+        return loss
 
     def train(self) -> AdaptRecipe:
         from tqdm.auto import tqdm
@@ -207,6 +225,8 @@ class AdaptRecipe:
             loss_mean = self._mean_over_ranks(total)
             self.state.step += 1
             metrics = {"loss": loss_mean, "lr": float(self.engine.get_lr()[0])}
+            metrics.update({f"loss_{k}": self._mean_over_ranks(v) for k, v in self._parts.items()})
+            self._parts = {}
             self.state.history.append({"step": self.state.step, **metrics})
             self.session.tracker.log_metrics({f"adapt/{k}": v for k, v in metrics.items()}, step=self.state.step)
             bar.set_postfix(loss=f"{loss_mean:.4f}")
