@@ -136,9 +136,7 @@ def prepare_shm_op(verbose: bool = False) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             if os.path.exists(baton):
-                get_logger().warning(
-                    "removing %s: a build lock left by a process killed while loading the op", baton
-                )
+                get_logger().warning("removing %s: a build lock left by a process killed while loading the op", baton)
                 os.unlink(baton)
             from deepspeed.comm.torch import build_shm_op
 

@@ -494,7 +494,9 @@ def target_slots(packed: PackedBatch, target_index: torch.Tensor) -> torch.Tenso
     """The slot of each user's target candidate (in the history group) [B]."""
     n_cand = torch.tensor(packed.num_candidates, device=target_index.device)
     if target_index.shape != n_cand.shape or bool(((target_index < 0) | (target_index >= n_cand)).any()):
-        raise LossInputError(f"target_index {target_index.tolist()} out of range for {packed.num_candidates} candidates")
+        raise LossInputError(
+            f"target_index {target_index.tolist()} out of range for {packed.num_candidates} candidates"
+        )
     group_starts = torch.cumsum(packed.num_groups * n_cand, 0) - packed.num_groups * n_cand
     return group_starts + target_index
 
