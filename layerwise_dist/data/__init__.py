@@ -9,8 +9,9 @@
         batch = load_batch(ds, indices, tokenizer.pad_token_id)
 """
 
+from .candidates import examples_from_candidates, read_candidates
 from .errors import BadRows, DataError
-from .examples import NegativeSampler, build_examples, stable_seed
+from .examples import NegativeSampler, build_examples, split_targets, stable_seed
 from .prepare import add_prepare_arguments, prepare, run_prepare
 from .prompts import LABELS, RankExample, encode, label_token_ids, pointwise_phrases, render_pointwise, render_prompt
 from .readers import category_from_filename, read_reviews, read_titles
@@ -46,16 +47,19 @@ __all__ = [
     "category_from_filename",
     "collate",
     "encode",
+    "examples_from_candidates",
     "label_token_ids",
     "load_batch",
     "load_splits",
     "pointwise_phrases",
     "prepare",
+    "read_candidates",
     "read_reviews",
     "read_titles",
     "render_pointwise",
     "render_prompt",
     "run_prepare",
+    "split_targets",
     "splits_from_source",
     "stable_seed",
     "tokenize_examples",

@@ -83,8 +83,18 @@ class NegativeSampler:
         return chosen
 
 
-def _targets(splits: SplitData, split: str, user: str, per_user: int) -> list[tuple[int, list[str], str]]:
-    """(position, history, target) triples of one user for one split."""
+def split_targets(splits: SplitData, split: str, user: str, per_user: int = 1) -> list[tuple[int, list[str], str]]:
+    """(position, history, target) triples of one user for one split: THE history rule.
+
+    ``position`` is the target's index in the user's whole sequence (train + valid +
+    test) and ``history`` every item before it, oldest first (a prompt shows its last
+    ``history_len``). valid: one triple, history = train; test: one triple, history =
+    train + valid; train: the last ``per_user`` train items (each with at least one
+    earlier item). :func:`build_examples` and
+    :func:`layerwise_dist.data.candidates.examples_from_candidates` both use it.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     train = splits.train[user]
     if split == "valid":
         return [(len(train), train, splits.valid[user])]
@@ -92,6 +102,33 @@ def _targets(splits: SplitData, split: str, user: str, per_user: int) -> list[tu
         return [(len(train) + 1, [*train, splits.valid[user]], splits.test[user])]
     first = max(1, len(train) - per_user)
     return [(p, train[:p], train[p]) for p in range(first, len(train))]
+
+
+def make_example(
+    splits: SplitData,
+    split: str,
+    user: str,
+    history: list[str],
+    candidates: list[str],
+    target: str,
+    cfg: DataConfig,
+    cut: TitleCutter,
+    meta: dict[str, Any] | None = None,
+) -> RankExample:
+    """A :class:`RankExample` showing the last ``cfg.history_len`` items of ``history`` and ``candidates``
+    in the given order (``target`` must be one of them), titles cut by ``cut``."""
+    shown = history[-cfg.history_len :]
+    return RankExample(
+        user_id=user,
+        history=shown,
+        history_titles=cut.many(shown, splits.titles),
+        candidates=candidates,
+        candidate_titles=cut.many(candidates, splits.titles),
+        target_index=candidates.index(target),
+        split=split,
+        category=splits.category,
+        meta=dict(meta or {}),
+    )
 
 
 def build_examples(splits: SplitData, split: str, cfg: DataConfig, tokenizer: Any = None) -> list[RankExample]:
@@ -114,7 +151,7 @@ def build_examples(splits: SplitData, split: str, cfg: DataConfig, tokenizer: An
     per_user = cfg.train_targets_per_user
     limit = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
     keys: list[tuple[str, int]] = [
-        (user, pos) for user in splits.train for pos, _, _ in _targets(splits, split, user, per_user)
+        (user, pos) for user in splits.train for pos, _, _ in split_targets(splits, split, user, per_user)
     ]
     if limit and limit < len(keys):
         ranked = sorted(keys, key=lambda k: (stable_seed(cfg.seed, "subset", split, *k), k))
@@ -127,26 +164,13 @@ def build_examples(splits: SplitData, split: str, cfg: DataConfig, tokenizer: An
     examples = []
     for user, positions in wanted.items():
         touched = set(splits.sequence(user))
-        for pos, history, target in _targets(splits, split, user, per_user):
+        for pos, history, target in split_targets(splits, split, user, per_user):
             if pos not in positions:
                 continue
             rng = random.Random(stable_seed(cfg.seed, user, split, pos))
             candidates = [target, *sampler.sample(rng, touched, n_neg, user)]
             rng.shuffle(candidates)
-            shown = history[-cfg.history_len :]
-            examples.append(
-                RankExample(
-                    user_id=user,
-                    history=shown,
-                    history_titles=cut.many(shown, splits.titles),
-                    candidates=candidates,
-                    candidate_titles=cut.many(candidates, splits.titles),
-                    target_index=candidates.index(target),
-                    split=split,
-                    category=splits.category,
-                    meta={"position": pos},
-                )
-            )
+            examples.append(make_example(splits, split, user, history, candidates, target, cfg, cut, {"position": pos}))
     if not examples:
         raise DataError(f"no {split} examples: every user's train sequence is too short")
     return examples
