@@ -44,6 +44,11 @@ def main() -> None:
     ap.add_argument("--formulations", default="pointwise,listwise")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--quantization", default="none", help="teacher.quantization: none (fp32 on CPU), nf4, int8")
+    ap.add_argument(
+        "--teacher",
+        default="embedded:smollm2",
+        help="teacher.model: the embedded SmolLM2, or a folder such as <run>/adapt/merged (an adapted teacher)",
+    )
     ap.add_argument("--ks", default="1,5,10,20")
     ap.add_argument("--seed", type=int, default=1234, help="data.seed (user sample, negatives, shuffling)")
     ap.add_argument("--n-boot", type=int, default=1000)
@@ -69,7 +74,7 @@ def main() -> None:
         cache_dir=tempfile.mkdtemp(prefix="zs-cache-"),
     )
     teacher_cfg = TeacherConfig(
-        model="embedded:smollm2", quantization=args.quantization, placement="replicate", attn_implementation="sdpa"
+        model=args.teacher, quantization=args.quantization, placement="replicate", attn_implementation="sdpa"
     )
     t0 = time.perf_counter()
     splits = load_splits(base)
@@ -93,7 +98,7 @@ def main() -> None:
             "seed": args.seed,
             "build_s": round(data_s, 1),
         },
-        "teacher": {"model": "embedded:smollm2 (SmolLM2-135M-Instruct)", "quantization": args.quantization},
+        "teacher": {"model": args.teacher, "quantization": args.quantization},
         "machine": {
             "torch_threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),

@@ -117,6 +117,12 @@ def test_pipeline_cli_tracks_in_mlflow(tmp_path):
     assert len(client.get_metric_history(run.info.run_id, "train/total")) == 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "report.png", "fisher_profile.json", "config.yaml"} <= artifacts
+    # Every stage's wall time and peak RSS on each of the 2 ranks; the teacher engine is gone before evaluation.
+    stages = json.loads((results_dir / "tiny" / "results.json").read_text())["memory"]["stages"]
+    assert list(stages) == ["setup", "fisher", "distill", "evaluate"]
+    for name, figures in stages.items():
+        assert len(figures["peak_rss_mib"]) == 2 and all(p and p > 100 for p in figures["peak_rss_mib"]), name
+        assert all(w > 0 for w in figures["wall_s"]), name
 
 
 def test_non_finite_loss_stops_with_step_and_components(tmp_path):

@@ -226,6 +226,18 @@ class DistillRecipe:
             )
         return self
 
+    def release(self) -> None:
+        """Free the student engine and this rank's teacher before evaluation loads the models it measures."""
+        import gc
+
+        runner = getattr(self, "runner", None)
+        engine = getattr(runner, "engine", None)
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        self.runner = self.student = None
+        self.session.teacher.release()
+        gc.collect()
+
     def save(self) -> Path:
         """The training history (the student folder and checkpoint were written by the loop)."""
         out = self.session.out

@@ -23,16 +23,17 @@ from .session import RunSession
 def fisher(cfg: RunConfig) -> dict[str, Any]:
     """Fisher profile of the teacher: ``<output_dir>/fisher_profile.json`` + ``.png``."""
     with RunSession(cfg) as session:
-        recipe = FisherRecipe(session).setup()
-        recipe.run()
-        recipe.save()
+        with session.meter.stage("fisher"):
+            recipe = FisherRecipe(session).setup()
+            recipe.run()
+            recipe.save()
         return session.finish()
 
 
 def distill(cfg: RunConfig) -> dict[str, Any]:
     """Student from teacher layers (Fisher profile first when needed), distilled, saved and scored."""
     with RunSession(cfg) as session:
-        student_dir = DistillRecipe(session).setup().train().save()
+        student_dir = _distill_student(session)
         return _finish_with_eval(session, student_dir, with_teacher=False)
 
 
@@ -55,11 +56,21 @@ def pipeline(cfg: RunConfig) -> dict[str, Any]:
     with RunSession(cfg) as session:
         if cfg.adapt.enabled and not _adapt_teacher(session):
             return session.finish()  # stopped early (train.stop_at_step): resume continues the adaptation
-        recipe = FisherRecipe(session).setup()
-        recipe.run()
-        profile = recipe.save()
-        student_dir = DistillRecipe(session, profile).setup().train().save()
+        with session.meter.stage("fisher"):
+            recipe = FisherRecipe(session).setup()
+            recipe.run()
+            profile = recipe.save()
+        student_dir = _distill_student(session, profile)
         return _finish_with_eval(session, student_dir)
+
+
+def _distill_student(session: RunSession, profile: Any = None) -> Any:
+    """Build, distil and save the student; then free its engine and the teacher (evaluation loads its own)."""
+    with session.meter.stage("distill"):
+        recipe = DistillRecipe(session, profile).setup().train()
+        student_dir = recipe.save()
+        recipe.release()
+    return student_dir
 
 
 def _adapt_teacher(session: RunSession) -> bool:
@@ -67,9 +78,10 @@ def _adapt_teacher(session: RunSession) -> bool:
 
     Returns False when ``train.stop_at_step`` ended the adaptation early (checkpointed).
     """
-    recipe = AdaptRecipe(session).setup().train()
-    merged = recipe.save()
-    recipe.release()
+    with session.meter.stage("adapt"):
+        recipe = AdaptRecipe(session).setup().train()
+        merged = recipe.save()
+        recipe.release()
     if not recipe.complete:
         return False
     # The merged teacher is used in full precision: LoRA's delta is a fraction of one NF4 step
@@ -80,9 +92,10 @@ def _adapt_teacher(session: RunSession) -> bool:
 
 
 def _finish_with_eval(session: RunSession, student_dir: Any, with_teacher: bool = True) -> dict[str, Any]:
-    recipe = EvaluateRecipe(session, student_dir, with_teacher=with_teacher).setup()
-    recipe.run()
-    recipe.save()
+    with session.meter.stage("evaluate"):
+        recipe = EvaluateRecipe(session, student_dir, with_teacher=with_teacher).setup()
+        recipe.run()
+        recipe.save()
     return session.finish()
 
 

@@ -65,7 +65,13 @@ class TeacherHandle:
         return model.module if hasattr(model, "module") else model
 
     def release(self) -> None:
+        """Drop this rank's teacher (a DeepSpeed engine is destroyed first): later stages load their own models."""
+        import gc
+
+        if self._model is not None and hasattr(self._model, "destroy"):
+            self._model.destroy()
         self._model = None
+        gc.collect()
 
 
 def describe_placement(model: torch.nn.Module) -> dict[str, Any]:
@@ -108,6 +114,9 @@ class RunSession:
         self.base_teacher = cfg.teacher  # the zero-shot teacher, kept when adaptation swaps in the merged one
         self._t0 = time.perf_counter()
         self.tracker: Any = None
+        from ..stages import StageMeter
+
+        self.meter = StageMeter()  # per-stage wall time and peak RSS on every rank (results.json "memory")
 
     def __enter__(self) -> RunSession:
         from ..data import load_splits
@@ -120,8 +129,9 @@ class RunSession:
         self.ds_config = resolve_ds_config(cfg.ds_config, cfg, "train")
         self._lock = self._take_lock()
         # Teacher and data are checked before anything is written into output_dir.
-        self.tokenizer = load_tokenizer(cfg.teacher)
-        self.splits = load_splits(cfg.data, progress=is_main())
+        with self.meter.stage("setup"):
+            self.tokenizer = load_tokenizer(cfg.teacher)
+            self.splits = load_splits(cfg.data, progress=is_main())
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
@@ -235,6 +245,7 @@ class RunSession:
         if self.teacher.load_s:
             self.timings["teacher_load_s"] = self.teacher.load_s
         self.results["timings"] = self.timings
+        self.results["memory"] = self.meter.summary()  # collective: every rank calls finish()
         self.results["setup"] = {"teacher": self.teacher.info} if self.teacher.info else {}
         self.results["mlflow_run_id"] = getattr(self.tracker, "run_id", None)
         if is_main():
