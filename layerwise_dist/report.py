@@ -223,6 +223,24 @@ def _fisher_lines(profile: Any, top_k: int = 5) -> list[str]:
     return lines + [""]
 
 
+def _stage_lines(memory: Mapping[str, Any]) -> list[str]:
+    """The run's stages: wall seconds and peak resident set per rank (``results["memory"]``)."""
+    stages = memory.get("stages") or {}
+    if not stages:
+        return []
+
+    def per_rank(values: Sequence[Any], unit: str) -> str:
+        return " / ".join("n/a" if v is None else f"{v:,.0f}{unit}" for v in values)
+
+    rows = [
+        (name, per_rank(f["wall_s"], " s"), per_rank(f["peak_rss_mib"], " MiB"), per_rank(f["end_rss_mib"], " MiB"))
+        for name, f in stages.items()
+    ]
+    lines = ["## Stages (per rank: rank 0 / rank 1 / ...)", ""]
+    lines += _md_table(("stage", "wall time", "peak RSS during the stage", "RSS at its end"), rows)
+    return lines + ["", f"_{memory.get('note', '')}_", ""]
+
+
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.png`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
@@ -272,6 +290,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path,
     lines.append("")
     if profile is not None:
         lines += _fisher_lines(profile)
+    lines += _stage_lines(results.get("memory") or {})
     lines += [f"![comparison]({png_path.name})", ""]
     md_path.write_text("\n".join(lines))
     _plot(results, comp, profile, png_path)

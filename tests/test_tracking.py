@@ -210,7 +210,8 @@ def test_report_and_table(tmp_path):
     student |= {"latency_ms_per_example_median": 10.0, "memory_model_bytes": 2 * 2**20, "num_parameters": 500_000}
     student |= {"cuda_peak_allocated_bytes": None}
     fisher = {"scores": [1.0, 1.0, 2.0, 4.0], "num_examples": 8, "model_id": "tiny"}
-    results = {"teacher": teacher, "student": student, "fisher": fisher}
+    memory = {"stages": {"fisher": {"wall_s": [3.2, 3.1], "peak_rss_mib": [812.4, None], "end_rss_mib": [700, 690]}}}
+    results = {"teacher": teacher, "student": student, "fisher": fisher, "memory": memory | {"note": "per rank"}}
     table = results_table(results)
     assert "HR@1" in table and "0.0% retained" in table and "4.00x faster" in table and "75.0% less" in table
     assert "CUDA" not in table  # not measured on either side: no row
@@ -219,6 +220,7 @@ def test_report_and_table(tmp_path):
     assert "| HR@5 | 0.9000 | 0.8000 | 88.9% retained |" in text
     assert "top layers by Fisher score: [3, 2, 0, 1]" in text
     assert "teacher cuda_peak_allocated_bytes: not measured (model runs on cpu)" in text
+    assert "| fisher | 3 s / 3 s | 812 MiB / n/a | 700 MiB / 690 MiB |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
