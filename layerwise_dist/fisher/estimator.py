@@ -24,16 +24,13 @@ FORMS = typing.get_args(FisherForm)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """``model.model.layers`` of a HF causal LM (or of the module inside a DeepSpeed engine)."""
-    net = getattr(model, "module", model)
-    for get in (lambda m: m.model.layers, lambda m: m.get_decoder().layers, lambda m: m.layers):
-        try:
-            layers = get(net)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise ValueError(f"{type(net).__name__} has no decoder layers at model.model.layers")
+    """The decoder layers of a HF causal LM (or of the module inside a DeepSpeed engine): ``model.model.layers``
+    for Llama, Gemma 3 and Qwen, else where :func:`layerwise_dist.models.student.decoder_layers_path` finds them;
+    a model whose layers cannot be located is a one-line ``StudentError`` (a ``ValueError``) naming the places
+    looked at."""
+    from layerwise_dist.models.student import decoder_layers_of
+
+    return decoder_layers_of(model)
 
 
 def _is_engine(model: Any) -> bool:

@@ -13,7 +13,7 @@ backward of sum_n log p(y_n | x_n) hands each hook the per-example output gradie
   ``T^2 ((in, unless shared) + out) (k+1)/(2k)`` vs explicit ``T in out``.
   This works for bitsandbytes ``Linear4bit``/``Linear8bitLt`` (the gradient is w.r.t. the
   dequantized weight) and for ZeRO-3 partitioned weights (never touched here).
-* RMSNorm ``y = w * xhat``: ``dw_n = sum_t g_t * xhat_t`` with xhat recomputed in fp32
+* RMSNorm ``y = w * xhat`` (Gemma's ``(1 + w) * xhat`` alike): ``dw_n = sum_t g_t * xhat_t`` with xhat recomputed in fp32
   from the captured input and the module's eps (LayerNorm likewise, plus its bias).
 
 All maths runs in fp32; per-batch sums are accumulated in fp64.
@@ -35,12 +35,24 @@ GROUPS = ("attention", "mlp")
 LINEAR_METHODS = typing.get_args(LinearMethod)
 
 
-def module_group(name: str) -> int:
-    """0 (attention: self_attn.* and input_layernorm) or 1 (mlp.* and post_attention_layernorm)."""
+def module_group(name: str, sandwich_norms: bool = False) -> int:
+    """0 (attention: self_attn.* and input_layernorm) or 1 (mlp.* and post_attention_layernorm).
+
+    ``sandwich_norms``: the layer has a norm before and after each sublayer (Gemma 2/3:
+    ``pre_feedforward_layernorm`` exists), so ``post_attention_layernorm`` normalises the attention
+    output and belongs to the attention group; the feed-forward norms are mlp.
+    """
     head = name.split(".", 1)[0]
     if head == "input_layernorm" or (("attn" in head or "attention" in head) and not head.startswith("post_")):
         return 0
+    if sandwich_norms and head == "post_attention_layernorm":
+        return 0
     return 1
+
+
+def has_sandwich_norms(layer: nn.Module) -> bool:
+    """Gemma-style layers: a norm before and after attention and before and after the MLP."""
+    return isinstance(getattr(layer, "pre_feedforward_layernorm", None), nn.Module)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -148,12 +160,14 @@ class FisherHooks:
 
     def _register_parameter_hooks(self, idx: int, layer: nn.Module) -> None:
         covered: set[int] = set()
+        sandwich = has_sandwich_norms(layer)
         for name, mod in layer.named_modules():
             own = list(mod.parameters(recurse=False))
             if isinstance(mod, nn.Linear):
                 self._handles.append(mod.register_forward_hook(self._linear_hook(idx, name, mod)))
             elif is_norm(mod) and own:
-                self._handles.append(mod.register_forward_hook(self._norm_hook(idx, module_group(name), mod)))
+                group = module_group(name, sandwich)
+                self._handles.append(mod.register_forward_hook(self._norm_hook(idx, group, mod)))
             elif own:
                 names = [n for n, _ in mod.named_parameters(recurse=False)]
                 raise NotImplementedError(

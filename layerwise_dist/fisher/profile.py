@@ -46,8 +46,9 @@ class FisherProfile:
 
     ``scores[l]`` is F_l = (1/N) sum_n ||d log p(y_n|x_n) / d theta_l||^2 (parameter form)
     or (1/N) sum_n ||d log p(y_n|x_n) / d h_l||^2 (activation form, block outputs).
-    ``module_scores`` splits the parameter form into ``attention`` (q,k,v,o + input norm)
-    and ``mlp`` (gate,up,down + post-attention norm); it is empty for the activation form.
+    ``module_scores`` splits the parameter form into ``attention`` (q,k,v,o, q/k norms + input norm;
+    Gemma's post-attention norm too) and ``mlp`` (gate,up,down + the norm before the MLP, Llama's
+    post-attention norm; Gemma's pre/post-feedforward norms); it is empty for the activation form.
     ``block_influence[l]`` = mean over real tokens of 1 - cos(h_in, h_out) (ShortGPT) and
     ``angular_distance[l]`` = mean of arccos(cos(h_in, h_out)) / pi.
     """

@@ -26,12 +26,69 @@ from ..config import Selection
 
 SELECTIONS = typing.get_args(Selection)
 CONFIG_KEY = "layerwise_dist"
-# Config fields holding one entry per decoder layer: sliced like the layers themselves.
-_PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers")
+# Config fields holding one entry per decoder layer: sliced like the layers themselves
+# (Gemma 2/3, Qwen2/3, Mistral, Llama 4 ``layer_types``: sliding vs full attention; Llama 4 ``no_rope_layers``;
+# hybrid models' block types).
+_PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers", "layers_block_type", "attn_type_list")
+# Config fields holding teacher layer *indices*: renumbered to the student layers that came from them.
+_LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers",)
+# Where causal LMs keep their decoder layers, tried in this order (then a search by name and length).
+DECODER_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma 1/2/3 (text), Phi-3, OLMo, ...
+    "model.language_model.layers",  # multimodal wrappers (Gemma 3 4B+, Llama 4, ...)
+    "transformer.h",  # GPT-2, GPT-J, Falcon, BLOOM
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+    "model.decoder.layers",  # OPT
+    "transformer.blocks",  # MPT
+)
 
 
 class StudentError(ValueError):
     """Invalid layer selection, layer map or student source."""
+
+
+def _num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Dotted name of the ``nn.ModuleList`` holding the decoder layers of a causal LM (``model.layers`` for
+    Llama and Gemma 3). Looks at the known places (:data:`DECODER_LAYER_PATHS`), then for the one module list
+    named layers/h/blocks/layer with ``config.num_hidden_layers`` entries; else a one-line StudentError."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine
+    if not isinstance(model, nn.Module):
+        raise StudentError(f"cannot locate decoder layers in a {type(model).__name__} (not a torch module)")
+    n = _num_hidden_layers(model)
+    for path in DECODER_LAYER_PATHS:
+        try:
+            found = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList) and len(found) > 0 and (n is None or len(found) == n):
+            return path
+    lists = [
+        name
+        for name, m in model.named_modules()
+        if name and isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)
+    ]
+    named = [name for name in lists if name.split(".")[-1] in ("layers", "h", "blocks", "layer")]
+    if len(named) == 1:
+        return named[0]
+    raise StudentError(
+        f"cannot locate the decoder layers of {type(model).__name__}: no nn.ModuleList of "
+        f"config.num_hidden_layers={n} blocks at {', '.join(DECODER_LAYER_PATHS)} "
+        f"(candidates: {named or lists or 'none'})"
+    )
+
+
+def decoder_layers_of(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers (:func:`decoder_layers_path`) of a causal LM or of the model inside a DeepSpeed engine."""
+    net = getattr(model, "module", model)
+    return net.get_submodule(decoder_layers_path(net))
 
 
 def select_layers(
@@ -111,18 +168,6 @@ def validate_layer_map(
     return values
 
 
-def _decoder_layers_prefix(model: nn.Module, num_layers: int) -> str:
-    """Dotted name of the ModuleList holding the decoder layers (``model.layers`` for Llama)."""
-    found = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers and n]
-    preferred = [n for n in found if n.split(".")[-1] in ("layers", "h", "blocks", "layer")]
-    found = preferred or found
-    if len(found) != 1:
-        raise StudentError(
-            f"cannot locate the {num_layers} decoder layers of {type(model).__name__} (candidates: {found or 'none'})"
-        )
-    return found[0]
-
-
 def _dequantized(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A full-precision fp32 copy of a parameter or buffer; bitsandbytes weights are dequantized."""
     if hasattr(tensor, "ds_id"):
@@ -185,6 +230,9 @@ def _no_init() -> contextlib.AbstractContextManager:
 
 
 def _student_config(config: PretrainedConfig, layers: list[int], layer_map_info: dict) -> PretrainedConfig:
+    """The teacher's config for ``len(layers)`` layers: every per-layer list (attention type, RoPE use, ...)
+    follows the chosen layers, every list of layer indices is renumbered; a list of one entry per teacher
+    layer that this function does not know is an error rather than silently misaligned."""
     num_teacher = config.num_hidden_layers
     cfg = copy.deepcopy(config)
     cfg.num_hidden_layers = len(layers)
@@ -192,6 +240,28 @@ def _student_config(config: PretrainedConfig, layers: list[int], layer_map_info:
         value = getattr(cfg, key, None)
         if isinstance(value, (list, tuple)) and len(value) == num_teacher:
             setattr(cfg, key, [value[t] for t in layers])
+    for key in _LAYER_INDEX_CONFIG_LISTS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, (list, tuple)):
+            kept = set(int(v) for v in value)
+            setattr(cfg, key, [i for i, t in enumerate(layers) if t in kept])
+    window_layers = getattr(cfg, "max_window_layers", None)
+    if isinstance(window_layers, int) and not isinstance(window_layers, bool):
+        # Qwen2/3: layers below max_window_layers never slide. layer_types (sliced above) decides; this keeps
+        # the threshold consistent with it: the number of kept layers that came from below the threshold.
+        cfg.max_window_layers = sum(1 for t in layers if t < window_layers)
+    if len(layers) != num_teacher:
+        handled = set(_PER_LAYER_CONFIG_LISTS) | set(_LAYER_INDEX_CONFIG_LISTS)
+        unknown = [
+            key
+            for key, value in vars(cfg).items()
+            if "layer" in key and key not in handled and isinstance(value, (list, tuple)) and len(value) == num_teacher
+        ]
+        if unknown:
+            raise StudentError(
+                f"config.{unknown[0]} of {type(config).__name__} has one entry per teacher layer and "
+                "layerwise_dist does not know how to carry it to the chosen layers"
+            )
     for key in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(cfg, key):
             delattr(cfg, key)
@@ -227,7 +297,7 @@ def build_student(
         raise StudentError("the student needs at least one teacher layer")
     _check_teacher_indices(layer_map, num_teacher, "layers")
 
-    prefix = _decoder_layers_prefix(source, num_teacher)
+    prefix = decoder_layers_path(source)
     cfg = _student_config(source.config, layer_map, {"layer_map": layer_map, "teacher": name})
     with _no_init():
         student = type(source)(cfg)
@@ -259,10 +329,29 @@ def build_student(
         student.tie_weights()
     if getattr(source, "generation_config", None) is not None:
         student.generation_config = copy.deepcopy(source.generation_config)
+    _check_layer_attention(source, student, prefix, layer_map)
     for p in student.parameters():
         p.requires_grad_(True)
     student.train()
     return student, layer_map
+
+
+# Per-layer attention settings a decoder layer keeps on its attention module (Gemma 2/3, Qwen2/3, Mistral, ...).
+_ATTENTION_ATTRIBUTES = ("layer_type", "is_sliding", "sliding_window", "attention_type", "use_rope")
+
+
+def _check_layer_attention(source: nn.Module, student: nn.Module, prefix: str, layer_map: list[int]) -> None:
+    """Student layer i attends like teacher layer layer_map[i] (sliding or global, window, RoPE)."""
+    t_layers, s_layers = source.get_submodule(prefix), student.get_submodule(prefix)
+    for i, t in enumerate(layer_map):
+        t_attn = getattr(t_layers[t], "self_attn", t_layers[t])
+        s_attn = getattr(s_layers[i], "self_attn", s_layers[i])
+        for attr in _ATTENTION_ATTRIBUTES:
+            if hasattr(t_attn, attr) and getattr(t_attn, attr) != getattr(s_attn, attr, None):
+                raise StudentError(
+                    f"student layer {i} has {attr}={getattr(s_attn, attr, None)!r} but its teacher layer {t} has "
+                    f"{getattr(t_attn, attr)!r}: the config's per-layer settings did not follow the chosen layers"
+                )
 
 
 def load_layer_map(
