@@ -394,6 +394,162 @@ def result_from_values(
     )
 
 
+def result_from_scores(
+    scores: Sequence[Sequence[float]] | np.ndarray,
+    target_index: Sequence[int] | np.ndarray,
+    ks: Sequence[int],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    **kw: Any,
+) -> EvalResult:
+    """An :class:`EvalResult` from each example's candidate scores and target index (ties against the target)."""
+    ks = _check_ks(ks)
+    rows = [np.asarray(r, dtype=np.float64) for r in scores]
+    targets = np.asarray(target_index, dtype=np.int64)
+    if len(rows) != targets.shape[0]:
+        raise ValueError(f"{len(rows)} score vectors for {targets.shape[0]} targets")
+    ranks = np.asarray(
+        [int(target_ranks(torch.from_numpy(r)[None], torch.tensor([int(t)]))[0]) for r, t in zip(rows, targets)],
+        dtype=np.int64,
+    )
+    result = result_from_values(per_example_metrics(ranks, ks), ks, n_boot, seed, level, **kw)
+    result.ranks = ranks
+    widths = {len(r) for r in rows}
+    result.scores = np.stack(rows).astype(np.float32) if len(widths) == 1 else [r.astype(np.float32) for r in rows]
+    result.target_index = targets
+    return result
+
+
+# --------------------------------------------------------------------------- per-example files
+
+PER_EXAMPLE_COLUMNS = ("user", "split", "target", "target_index", "candidates", "scores", "rank", "top1_position")
+
+
+def write_per_example(result: EvalResult, examples: Sequence[Any], path: str | os.PathLike) -> str:
+    """Write one ranker's per-example results as parquet: one row per example, in evaluation order.
+
+    Columns: ``user``, ``split``, ``target`` (item id), ``target_index`` (its index in
+    ``candidates``), ``candidates`` (item ids in the order the scores refer to), ``scores``
+    (one per candidate), ``rank`` (1-based, ties against the target), ``top1_position``
+    (index of the highest score in ``candidates``, the first on ties) and each metric's
+    per-example value (``hr@k``, ``ndcg@k``, ``mrr``). The file's metadata holds the
+    averages with their 95% intervals (``summary``). A result without ranks (the
+    ``random`` baseline, an exact expectation) cannot be written.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if result.ranks is None or result.scores is None:
+        raise ValueError("this result has no per-example ranks and scores (an expectation, not a ranking)")
+    n = len(result.ranks)
+    if len(examples) != n:
+        raise ValueError(f"{len(examples)} examples for {n} results")
+    targets = result.target_index if result.target_index is not None else [ex.target_index for ex in examples]
+    for ex, t in zip(examples, targets):
+        if int(t) != ex.target_index:
+            raise ValueError(f"user {ex.user_id}: result target {int(t)} != example target {ex.target_index}")
+    columns: dict[str, Any] = {
+        "user": pa.array([str(ex.user_id) for ex in examples], pa.string()),
+        "split": pa.array([ex.split for ex in examples], pa.string()),
+        "target": pa.array([str(ex.target) for ex in examples], pa.string()),
+        "target_index": pa.array([int(t) for t in targets], pa.int32()),
+        "candidates": pa.array([[str(c) for c in ex.candidates] for ex in examples], pa.list_(pa.string())),
+        "scores": pa.array([np.asarray(r, dtype=np.float64).tolist() for r in result.scores], pa.list_(pa.float64())),
+        "rank": pa.array(result.ranks.tolist(), pa.int32()),
+        "top1_position": pa.array(result.top1.tolist(), pa.int32()),
+    }
+    for name, values in result.values.items():
+        columns[name] = pa.array(np.asarray(values, dtype=np.float64), pa.float64())
+    table = pa.table(columns).replace_schema_metadata(
+        {"layerwise_dist": json.dumps({"summary": result.summary()}, default=str)}
+    )
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def read_per_example(path: str | os.PathLike) -> dict[str, list]:
+    """A per-example file as columns (lists); a ValueError names what is missing."""
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such per-example file")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise ValueError(f"{path}: not a parquet file ({' '.join(str(e).split())[:120]})") from None
+    missing = [c for c in ("user", "target", "candidates", "rank") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: not a per-example file (missing columns {', '.join(missing)})")
+    return table.to_pydict()
+
+
+def compare_per_example(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    ks: Sequence[int] = (1, 5, 10, 20),
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Paired difference A - B of every metric between two per-example files, with its bootstrap interval.
+
+    Examples are matched by (user, split, target) and must have the same candidate SET
+    (the order may differ, e.g. under permutations); anything else is a ValueError
+    naming the first mismatch. Metrics are recomputed from the ranks, for any ``ks``.
+    """
+    ks = _check_ks(ks)
+    ta, tb = read_per_example(a), read_per_example(b)
+
+    def keyed(t: dict[str, list], path: Any) -> dict[tuple[str, str, str], int]:
+        out: dict[tuple[str, str, str], int] = {}
+        splits = t.get("split") or [""] * len(t["user"])
+        for i, key in enumerate(zip(t["user"], splits, t["target"])):
+            if key in out:
+                raise ValueError(f"{os.fspath(path)}: user {key[0]} ({key[1]}) appears twice")
+            out[key] = i
+        return out
+
+    ka, kb = keyed(ta, a), keyed(tb, b)
+    only_a = next((k for k in ka if k not in kb), None)
+    only_b = next((k for k in kb if k not in ka), None)
+    if only_a or only_b:
+        k, where = (only_a, os.fspath(a)) if only_a else (only_b, os.fspath(b))
+        raise ValueError(
+            f"not the same examples: user {k[0]} target {k[2]} is only in {where} ({len(ka)} vs {len(kb)} examples)"
+        )
+    order = list(ka)
+    for key in order:
+        if set(ta["candidates"][ka[key]]) != set(tb["candidates"][kb[key]]):
+            raise ValueError(f"user {key[0]}: the two files rank different candidates")
+    ra = np.asarray([ta["rank"][ka[k]] for k in order], dtype=np.int64)
+    rb = np.asarray([tb["rank"][kb[k]] for k in order], dtype=np.int64)
+    va, vb = per_example_metrics(ra, ks), per_example_metrics(rb, ks)
+    names = metric_names(ks)
+    diffs = np.stack([va[m] - vb[m] for m in names], axis=1)
+    intervals = _percentiles(_bootstrap_means(diffs, n_boot, seed), level)
+    return {
+        "a": os.fspath(a),
+        "b": os.fspath(b),
+        "n": len(order),
+        "metrics": {
+            m: {
+                "a": float(va[m].mean()),
+                "b": float(vb[m].mean()),
+                "difference": float(diffs[:, j].mean()),
+                "ci95": list(intervals[j]),
+            }
+            for j, m in enumerate(names)
+        },
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level, "unit": "example (paired)"},
+    }
+
+
 # --------------------------------------------------------------------------- evaluation
 
 

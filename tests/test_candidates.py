@@ -117,3 +117,103 @@ def test_llmrank_file_on_the_real_games_data(tmp_path: Path):
     assert Counter(ex.candidates) == Counter([*[str(i) for i in range(100, 119)], "14"])
     assert ex.history == [str(i) for i in range(14)] and ex.category == "Video_Games"
     assert ex.candidate_titles[ex.target_index] == splits.titles["14"]
+
+
+# ---------------------------------------------------------------- per-example files and paired comparison
+
+
+def test_per_example_file_round_trip_and_paired_compare(beauty, tmp_path: Path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from layerwise_dist.baselines import popularity_result
+    from layerwise_dist.evaluation import compare_per_example, result_from_scores, write_per_example
+
+    rows = [(u, _pool(beauty, u, 12, with_target=False)) for u in beauty.users[:60]]
+    path = write_candidates(tmp_path / "c.txt", rows)
+    examples = examples_from_candidates(beauty, path, DataConfig(num_candidates=8), "test")
+    ks = [1, 5, 10, 20]
+    pop = popularity_result(beauty, examples, ks)
+    # an oracle that ranks the target first for every other user, last otherwise
+    scores = [np.where(np.arange(8) == e.target_index, 1.0 if i % 2 else -1.0, 0.0) for i, e in enumerate(examples)]
+    oracle = result_from_scores(scores, [e.target_index for e in examples], ks)
+    assert oracle.ranks.tolist() == [8 if i % 2 == 0 else 1 for i in range(60)]
+    a = write_per_example(oracle, examples, tmp_path / "per_example" / "oracle.parquet")
+    b = write_per_example(pop, examples, tmp_path / "per_example" / "popularity.parquet")
+    t = pq.read_table(a).to_pydict()
+    assert t["user"] == [e.user_id for e in examples] and t["target"] == [e.target for e in examples]
+    assert t["candidates"][3] == examples[3].candidates and t["rank"] == oracle.ranks.tolist()
+    assert t["top1_position"] == [int(np.argmax(s)) for s in scores]
+    assert t["scores"][1] == pytest.approx(scores[1].tolist()) and t["hr@20"] == [1.0] * 60
+    out = compare_per_example(a, b, ks, n_boot=500)
+    assert out["n"] == 60
+    d = out["metrics"]["hr@1"]
+    assert d["a"] == 0.5 and d["b"] == pytest.approx(pop.metrics["hr@1"])
+    assert d["difference"] == pytest.approx(0.5 - pop.metrics["hr@1"])
+    assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    same = compare_per_example(a, a, ks)
+    assert all(m["difference"] == 0.0 and m["ci95"] == [0.0, 0.0] for m in same["metrics"].values())
+    # different examples: one line naming a user
+    fewer = write_per_example(
+        result_from_scores(scores[:-1], [e.target_index for e in examples[:-1]], ks),
+        examples[:-1],
+        tmp_path / "fewer.parquet",
+    )
+    with pytest.raises(ValueError, match=f"user {examples[-1].user_id} target .* is only in"):
+        compare_per_example(a, fewer)
+
+
+def test_show_prompt_prints_the_exact_text_with_the_system_prompt(capsys):
+    from layerwise_dist.cli import main
+
+    user = load_splits(DataConfig()).users[0]
+    assert main(["data", "show-prompt", "--user", user, "--preset", "tiny"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert "Which of these candidates" in out and f"user {user}, test" in err
+    assert main(["data", "show-prompt", "--user", user, "--preset", "tiny", "data.system_prompt=Rank games."]) == 0
+    custom, _ = capsys.readouterr()
+    assert custom.startswith("<|im_start|>system\nRank games.<|im_end|>")
+    assert custom.split("<|im_end|>", 1)[1] == out.split("<|im_end|>", 1)[1]  # the rest is unchanged
+    assert main(["data", "show-prompt", "--user", "nobody", "--preset", "tiny"]) == 2
+    assert "user nobody is not in the loaded data" in capsys.readouterr().err
+
+
+def test_cli_evaluate_on_a_candidate_file_with_permutations_and_baseline_only(beauty, tmp_path: Path, capsys):
+    """One run through the CLI (1 rank, tiny preset): candidates from a file, 3 orders, per-example files."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from conftest import run_cli
+    from layerwise_dist.cli import main
+
+    users = beauty.users[:12]
+    path = write_candidates(tmp_path / "beauty.random", [(u, _pool(beauty, u, 9, with_target=False)) for u in users])
+    common = ["--preset", "tiny", "--nproc", "1", "--candidates", str(path), "--num-candidates", "5"]
+    overrides = ["eval.max_examples=0", f"data.cache_dir={tmp_path / 'cache'}"]
+    run = tmp_path / "run"
+    r = run_cli(["evaluate", *common, "--permutations", "3", *overrides, f"output_dir={run}"], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["config"]["permutations"] == 3 and res["config"]["prompts"] == 36
+    assert res["candidate_file"]["lines"] == 12 and res["candidate_file"]["rule"].startswith("llmrank")
+    teacher = res["teacher"]
+    assert teacher["n"] == 12 and teacher["ci95"]["hr@20"] == [1.0, 1.0]  # K=20 > 5 candidates
+    assert teacher["position_bias"]["vectors"] == 36 and sum(teacher["position_bias"]["top1_counts"]) == 36
+    assert teacher["permutation_cost"]["prompts_scored"] == 36 and teacher["permutation_cost"]["seconds"] > 0
+    files = res["per_example_files"]
+    assert set(files) == {"teacher", "popularity"}
+    t = pq.read_table(files["teacher"]).to_pydict()
+    assert t["user"] == users and all(len(c) == 5 for c in t["candidates"])
+    assert all(beauty.test[u] == c[i] for u, c, i in zip(t["user"], t["candidates"], t["target_index"]))
+    # the popularity baseline alone, same candidates: no model is loaded, same numbers
+    run2 = tmp_path / "pop"
+    r = run_cli(["evaluate", *common, "--baseline", "popularity", *overrides, f"output_dir={run2}"], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res2 = json.loads((run2 / "results.json").read_text())
+    assert "teacher" not in res2 and set(res2["baselines"]) == {"popularity"}
+    assert res2["baselines"]["popularity"]["mrr"] == res["baselines"]["popularity"]["mrr"]
+    assert main(["compare", files["teacher"], str(run2 / "per_example" / "popularity.parquet"), "--ks", "1", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "12 paired examples" in out and "hr@3" in out

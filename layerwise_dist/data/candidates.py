@@ -166,3 +166,28 @@ def write_candidates(path: str | Path, rows: list[tuple[str, list[str]]]) -> Pat
     path = Path(path)
     path.write_text("".join(f"{user}\t{' '.join(items)}\n" for user, items in rows), encoding="utf-8")
     return path
+
+
+def example_for_user(
+    splits: SplitData,
+    cfg: Any,
+    user: str,
+    split: str = "test",
+    tokenizer: Any = None,
+) -> RankExample:
+    """One user's evaluation example as a run builds it (``cfg`` a RunConfig): from ``eval.candidates``
+    when set (the file's line of that user), else the sampled candidates of ``build_examples``."""
+    from .examples import build_examples
+
+    if user not in splits.train:
+        raise DataError(f"user {user} is not in the loaded data ({len(splits.train)} users)")
+    if cfg.eval.candidates:
+        lines = [e for e in read_candidates(cfg.eval.candidates, cfg.eval.candidates_format) if e.user == user]
+        if not lines:
+            raise DataError(f"{cfg.eval.candidates}: no line for user {user}")
+        (ex,) = examples_from_candidates(
+            splits, lines, cfg.data, split, cfg.eval.include_target, tokenizer, cfg.eval.candidates_format
+        )
+        return ex
+    (ex,) = build_examples(splits, split, cfg.data, tokenizer, users=[user])
+    return ex

@@ -131,13 +131,17 @@ def make_example(
     )
 
 
-def build_examples(splits: SplitData, split: str, cfg: DataConfig, tokenizer: Any = None) -> list[RankExample]:
+def build_examples(
+    splits: SplitData, split: str, cfg: DataConfig, tokenizer: Any = None, users: Any = None
+) -> list[RankExample]:
     """Ranking examples of ``split`` (train, valid or test), users in split order.
 
     Titles are cut to ``cfg.title_max_tokens`` tokens of ``tokenizer`` (whitespace
     words when None). ``cfg.max_train_examples`` / ``cfg.max_eval_examples`` keep a
     seeded subset (the examples with the smallest stable hash, in their original
-    order; a smaller limit gives a subset of a larger one).
+    order; a smaller limit gives a subset of a larger one). ``users`` (optional): only
+    these users' examples, with no subset limit; each is the same example as in the
+    full list (every example's candidates come from its own seeded RNG).
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
@@ -150,8 +154,17 @@ def build_examples(splits: SplitData, split: str, cfg: DataConfig, tokenizer: An
     n_neg = cfg.num_candidates - 1
     per_user = cfg.train_targets_per_user
     limit = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
+    if users is not None:
+        unknown = [u for u in users if u not in splits.train]
+        if unknown:
+            raise DataError(f"user {unknown[0]} is not in the loaded data ({len(splits.train)} users)")
+        wanted_users = set(users)
+        limit = 0
     keys: list[tuple[str, int]] = [
-        (user, pos) for user in splits.train for pos, _, _ in split_targets(splits, split, user, per_user)
+        (user, pos)
+        for user in splits.train
+        if users is None or user in wanted_users
+        for pos, _, _ in split_targets(splits, split, user, per_user)
     ]
     if limit and limit < len(keys):
         ranked = sorted(keys, key=lambda k: (stable_seed(cfg.seed, "subset", split, *k), k))

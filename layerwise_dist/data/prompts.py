@@ -62,17 +62,43 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_prompt(example: RankExample, tokenizer: Any = None) -> tuple[str, str]:
+def render_prompt(example: RankExample, tokenizer: Any = None, system_prompt: str = "") -> tuple[str, str]:
     """(prompt text, answer text): the chat template's generation prompt when the
-    tokenizer has one, else plain text ending in ``"\\nAnswer: "``; the answer is the letter."""
+    tokenizer has one, else plain text ending in ``"\\nAnswer: "``; the answer is the letter.
+
+    ``system_prompt`` (``data.system_prompt``): with a chat template, ``""`` passes no
+    system message, so the template's own default applies (SmolLM2's template then writes
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face"); any other text
+    is the system message. Without a chat template a non-empty system prompt is the first
+    paragraph of the plain text."""
     message = user_message(example)
     if has_chat_template(tokenizer):
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": message}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        prompt = message + "\nAnswer: "
+        prompt = (f"{system_prompt}\n\n" if system_prompt else "") + message + "\nAnswer: "
     return prompt, example.answer
+
+
+def rendered_text(example: RankExample, tokenizer: Any, formulation: str = "listwise", **settings: Any) -> str:
+    """The exact text a model reads for ``example`` (what ``layerwise-dist data show-prompt`` prints).
+
+    listwise: the prompt (system prompt and chat template included) followed by the answer
+    letter that training supervises; scoring reads the logits just before that letter.
+    pointwise: the history prefix, then each candidate's continuation on its own block
+    (each is scored after the same prefix). ``settings``: ``system_prompt`` (listwise),
+    ``category_phrase`` (pointwise)."""
+    if formulation == "pointwise":
+        prefix, continuations, _ = render_pointwise(example, settings.get("category_phrase", ""))
+        blocks = [
+            f"--- candidate {n}{' (target)' if n == example.target_index else ''}:{c}"
+            for n, c in enumerate(continuations)
+        ]
+        return prefix + "\n" + "".join(blocks)
+    prompt, answer = render_prompt(example, tokenizer, settings.get("system_prompt", ""))
+    return prompt + answer
 
 
 def _ids(tokenizer: Any, text: str, chat: bool) -> list[int]:

@@ -69,6 +69,8 @@ def pointwise_template(category: str, category_phrase: str = "") -> str:
 def examples_fingerprint(examples: Sequence[RankExample], tokenizer: Any, cfg: DataConfig) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{FORMAT_VERSION}|{cfg.max_length}|{tokenizer_fingerprint(tokenizer)}".encode())
+    if cfg.system_prompt and cfg.formulation == "listwise":  # (absent when empty: earlier caches stay valid)
+        h.update(json.dumps(["system_prompt", cfg.system_prompt]).encode())
     if cfg.formulation != "listwise":  # (the listwise fingerprint is the one it always had)
         templates = [pointwise_template(c, cfg.category_phrase) for c in sorted({ex.category for ex in examples})]
         h.update(json.dumps([cfg.formulation, templates]).encode())
@@ -216,7 +218,7 @@ def tokenize_examples(
     letter_ids = label_token_ids(tokenizer, max(len(ex.candidates) for ex in examples))
     rows = []
     for ex in examples:
-        prompt, answer = render_prompt(ex, tokenizer)
+        prompt, answer = render_prompt(ex, tokenizer, cfg.system_prompt)
         rows.append(
             {
                 "user_id": ex.user_id,

@@ -4,6 +4,14 @@ Rankers: the random and popularity baselines, the zero-shot teacher, the adapted
 (when the run adapted it) and the student; each gets HR@K, NDCG@K and MRR with a
 bootstrap interval over users, and each model its latency and memory. Paired
 differences (student - teacher, teacher - popularity, ...) come with paired intervals.
+
+Candidates: sampled by :func:`~layerwise_dist.data.build_examples`, or read from a fixed
+file (``eval.candidates``, :mod:`layerwise_dist.data.candidates`). Each model's scores also
+give its position bias (:mod:`layerwise_dist.position_bias`); ``eval.permutations=P`` scores
+every example under P seeded candidate orders and sums the scores. Every ranker with
+per-example ranks (all but the ``random`` expectation) is written to
+``<output_dir>/per_example/<ranker>.parquet`` (:func:`~layerwise_dist.evaluation.write_per_example`);
+``layerwise-dist compare A.parquet B.parquet`` gives the paired difference of two of them.
 """
 
 from __future__ import annotations
@@ -49,23 +57,74 @@ class EvaluateRecipe:
         self.per_example: dict[str, Any] = {}
 
     def setup(self) -> EvaluateRecipe:
-        self.batches = self._setup_data()
         self.models = self._setup_models()
+        self.batches = self._setup_data()
         return self
 
+    def _rank_examples(self) -> list[Any]:
+        """The examples every ranker is scored on: sampled candidates, or those of ``eval.candidates``."""
+        cfg, session = self.cfg, self.session
+        if not cfg.eval.candidates:
+            return session.rank_examples(cfg.eval.split)
+        import random
+
+        from ..data.candidates import examples_from_candidates
+
+        examples = examples_from_candidates(
+            session.splits,
+            cfg.eval.candidates,
+            cfg.data,
+            cfg.eval.split,
+            include_target=cfg.eval.include_target,
+            tokenizer=session.tokenizer,
+            fmt=cfg.eval.candidates_format,
+        )
+        lines = len(examples)
+        n = cfg.eval.max_examples
+        if n and n < len(examples):  # the same seeded sample rule as RunSession.rank_examples
+            keep = sorted(random.Random(cfg.data.seed).sample(range(len(examples)), n))
+            examples = [examples[i] for i in keep]
+        self.results["candidate_file"] = {
+            "path": str(cfg.eval.candidates),
+            "format": cfg.eval.candidates_format,
+            "rule": "as_given (first N, unshuffled)"
+            if cfg.eval.include_target
+            else "llmrank (drop target, first N-1, append target, shuffle)",
+            "lines": lines,
+            "scored": len(examples),
+            "num_candidates": cfg.data.num_candidates,
+            "shuffle_seed": None if cfg.eval.include_target else "stable_seed(data.seed, 'candidates', user, split)",
+            "data_seed": cfg.data.seed,
+        }
+        return examples
+
     def _setup_data(self) -> list[dict[str, Any]]:
+        from ..data import tokenize_examples
+        from ..position_bias import permute_examples
+
         cfg = self.cfg.eval
-        data = self.session.examples(cfg.split)
-        # Every example exactly once (ranks may differ by one batch: replicated models, no collective forward).
-        sampler = RankSampler.for_rank(len(data), cfg.batch_size, equal_batches=False)
+        self.examples = self._rank_examples()
+        self.orders = None
+        scored = self.examples
+        if cfg.permutations > 1:
+            scored, self.orders = permute_examples(self.examples, cfg.permutations, self.cfg.data.seed)
         self.results["config"] = {
-            "examples": len(data),
-            "ranks": sampler.world_size,
+            "examples": len(self.examples),
             "batch_size": cfg.batch_size,
             "formulation": self.cfg.data.formulation,
             "pointwise_score": self.cfg.data.pointwise_score,
             "candidates": self.cfg.data.num_candidates,
+            "permutations": cfg.permutations,
+            "prompts": len(scored),
         }
+        if not self.models:  # baselines only: no tokens, no batches
+            return []
+        data = tokenize_examples(
+            scored, self.session.tokenizer, self.cfg.data, cache_dir=self.cfg.data.cache_dir or None
+        )
+        # Every example exactly once (ranks may differ by one batch: replicated models, no collective forward).
+        sampler = RankSampler.for_rank(len(data), cfg.batch_size, equal_batches=False)
+        self.results["config"]["ranks"] = sampler.world_size
         return [load_batch(data, indices, self.session.pad_token_id) for indices in sampler]
 
     def _setup_models(self) -> list[tuple[str, Any]]:
@@ -73,6 +132,8 @@ class EvaluateRecipe:
 
         cfg, session = self.cfg, self.session
         models: list[tuple[str, Any]] = []
+        if not cfg.eval.models:
+            return models
         if self.with_teacher:
             adapted = session.cfg.teacher.model != session.base_teacher.model
             if adapted:  # the zero-shot teacher too, so the value of adaptation is visible
@@ -107,6 +168,7 @@ class EvaluateRecipe:
             t0 = time.perf_counter()
             result = evaluate_per_example(model, self.batches, cfg.eval.ks, progress=True, pointwise_score=score)
             session.timings[f"eval_{name}_s"] = time.perf_counter() - t0
+            result = self._debias(result, session.timings[f"eval_{name}_s"])
             cost = measure_cost(model, timed, warmup=warmup, pointwise_score=score)
             self.per_example[name] = result
             self.results[name] = {**result.summary(), **cost}
@@ -114,6 +176,7 @@ class EvaluateRecipe:
                 {f"{name}/{k}": v for k, v in self.results[name].items() if isinstance(v, (int, float))}
             )
             log.info("%s: %s", name, _line(result))
+            log.info("%s: %s", name, _bias_line(result.extra["position_bias"]))
             del model
         if "teacher" in self.results and "student" in self.results:
             self.results["comparison"] = compare(self.results["teacher"], self.results["student"])
@@ -121,12 +184,30 @@ class EvaluateRecipe:
         self.results["paired"] = self._paired()
         return self.results
 
+    def _debias(self, result: Any, seconds: float) -> Any:
+        """Position bias of the scores as presented; with permutations, the summed scores' result."""
+        from ..evaluation import result_from_scores
+        from ..position_bias import aggregate_permutation_scores, permutation_cost, position_bias
+
+        bias = position_bias(result.scores)
+        tokens = result.extra.get("tokens_per_example_mean")
+        if self.orders is not None:
+            summed = aggregate_permutation_scores(result.scores, self.orders)
+            targets = [ex.target_index for ex in self.examples]
+            result = result_from_scores(
+                summed, targets, result.ks, result.n_boot, result.seed, result.level, extra=dict(result.extra)
+            )
+        cost = permutation_cost(len(self.examples), self.cfg.eval.permutations, seconds, tokens or 0.0)
+        result.extra.update(position_bias=bias, permutation_cost=cost)
+        return result
+
     def _run_baselines(self) -> None:
         from ..baselines import evaluate_baselines
 
-        examples = self.session.rank_examples(self.cfg.eval.split)
-        baselines = evaluate_baselines(self.session.splits, examples, self.cfg.eval.ks)
         self.results["baselines"] = {}
+        if not self.cfg.eval.baselines:
+            return
+        baselines = evaluate_baselines(self.session.splits, self.examples, self.cfg.eval.ks, self.cfg.eval.baselines)
         for name, result in baselines.items():
             self.per_example[name] = result
             self.results["baselines"][name] = result.summary()
@@ -142,8 +223,28 @@ class EvaluateRecipe:
         return out
 
     def save(self) -> dict[str, Any]:
+        """Results into the session; rank 0 writes ``per_example/<ranker>.parquet`` for every ranking ranker."""
+        from ..distributed import is_main
+        from ..evaluation import write_per_example
+
+        files = {}
+        if is_main():
+            for name, result in self.per_example.items():
+                if result.ranks is not None:
+                    path = self.session.out / "per_example" / f"{name}.parquet"
+                    files[name] = write_per_example(result, self.examples, path)
+        self.results["per_example_files"] = files
         self.session.results.update(self.results)
         return self.results
+
+
+def _bias_line(bias: dict[str, Any]) -> str:
+    corr = bias.get("profile_correlation_mean")
+    return (
+        f"top-1 at position {bias['top1_modal_position']} in {bias['top1_modal_share']:.0%} of "
+        f"{bias['vectors']} prompts (chance {bias['top1_chance_share']:.0%}); "
+        f"correlation with the mean position profile {'n/a' if corr is None else f'{corr:.2f}'}"
+    )
 
 
 def _line(result: Any) -> str:
