@@ -147,3 +147,37 @@ def test_non_finite_loss_stops_with_step_and_components(tmp_path):
     assert errors, out.stderr[-3000:]
     assert "non-finite loss at step" in errors[0] and "ce=" in errors[0] and "kd=" in errors[0]
     assert "Traceback" not in out.stderr
+
+
+def test_pipeline_with_a_gemma3_teacher_nf4_zero3(tmp_path):
+    """Issue 15: the whole pipeline with a (tiny, random) Gemma3 teacher, 4-bit NF4 under ZeRO-3 on 2 ranks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    run = tmp_path / "gemma3"
+    out = run_cli(
+        ["pipeline", "--preset", "tiny", "--nproc", "2", "teacher.model=tiny:gemma3", "teacher.quantization=nf4"]
+        + ["train.max_steps=3", f"output_dir={run}"]
+    )
+    _ok(out)
+    results = json.loads((run / "results.json").read_text())
+    teacher = results["setup"]["teacher"]
+    assert teacher["quantized_modules"] == ["Linear4bit"] and teacher["zero3_partitioned"] is True
+    assert teacher["local_param_fraction"] == pytest.approx(0.5, abs=0.01) and teacher["world_size"] == 2
+    fisher = results["fisher"]
+    assert len(fisher["scores"]) == 4 and all(s > 0 for s in fisher["scores"])
+    assert all(a > 0 and m > 0 for a, m in zip(fisher["module_scores"]["attention"], fisher["module_scores"]["mlp"]))
+    student = AutoModelForCausalLM.from_pretrained(run / "student")
+    teacher_types = AutoConfig.from_pretrained(_teacher_dir("tiny:gemma3")).layer_types  # preset: 4 layers, 64 wide
+    layer_map = student.config.layerwise_dist["layer_map"]
+    assert type(student).__name__ == "Gemma3ForCausalLM" and len(layer_map) == 2
+    assert student.config.layer_types == [teacher_types[t] for t in layer_map]
+    for name in ("teacher", "student"):
+        assert results[name]["n"] == 16 and results[name]["hr@10"] == 1.0, results[name]
+    assert len(json.loads((run / "train_history.json").read_text())) == 3
+
+
+def _teacher_dir(model: str) -> Path:
+    from layerwise_dist.config import TeacherConfig
+    from layerwise_dist.models.teacher import resolve_model_dir
+
+    return resolve_model_dir(TeacherConfig(model=model))
