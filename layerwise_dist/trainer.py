@@ -268,7 +268,8 @@ class DistillationRunner:
             bar.close()
             elapsed = time.perf_counter() - start
             log.info("distillation: at step %d of %d after %.1f s", self.state.step, t.max_steps, elapsed)
-            if self.valid_data is not None:
+            last = self.state.history[-1] if self.state.history else {}
+            if self.valid_data is not None and "valid/total" not in last:
                 self.validate()
             self.save_checkpoint()
         if _STOP.signum is not None:  # arrived during the final validation or save: both finished
@@ -351,21 +352,31 @@ class DistillationRunner:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean loss components on this rank's share of the validation examples, over all ranks."""
+        """Mean loss components over the validation examples (every rank its share), and the student's
+        NDCG@10, HR@10 and MRR on them (global over ranks)."""
         try:  # full batches only, the same count on every rank: ZeRO-3 forwards are collective
             batches = RankSampler.for_rank(len(self.valid_data), self.cfg.train.micro_batch_size).epoch_batches()
         except DataError:
             return {}
+        from .evaluation import evaluate_model
+
         sums: dict[str, float] = {}
         self.engine.eval()
-        for indices in batches:
-            loss, parts = self._forward_loss(
-                load_batch(self.valid_data, indices, self.pad_token_id, self.engine.device)
-            )
+        loaded = [load_batch(self.valid_data, indices, self.pad_token_id, self.engine.device) for indices in batches]
+        for batch in loaded:
+            loss, parts = self._forward_loss(batch)
             for k, v in {"total": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        self.engine.train()
         metrics = self._mean_over_ranks({k: v / len(batches) for k, v in sums.items()})
+        # The student's own ranking of the validation users (a learning curve that says when quality plateaus).
+        ranking = evaluate_model(
+            self.module.student, loaded, ks=(10,), progress=False, pointwise_score=self.cfg.data.pointwise_score
+        )
+        metrics.update({k: float(ranking[k]) for k in ("ndcg@10", "hr@10", "mrr")})
+        self.engine.train()
+        history = self.state.history
+        if history and history[-1].get("step") == self.state.step:  # train_history.json carries the curve
+            history[-1].update({f"valid/{k}": v for k, v in metrics.items()})
         self.tracker.log_metrics({f"valid/{k}": v for k, v in metrics.items()}, step=self.state.step)
         log.info("step %d validation: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics

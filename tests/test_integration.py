@@ -30,6 +30,7 @@ def test_distill_launcher_nf4_teacher_zero3(tmp_path):
             "teacher.quantization=nf4",
             "train.max_steps=8",
             "train.lr=2e-3",
+            "train.eval_every=4",
             f"output_dir={run}",
         ],
     )
@@ -43,6 +44,11 @@ def test_distill_launcher_nf4_teacher_zero3(tmp_path):
 
     history = json.loads((run / "train_history.json").read_text())
     assert len(history) == 8
+    # Validation at steps 4 and 8 (not twice at the end): loss components and the student's ranking.
+    assert [h["step"] for h in history if "valid/total" in h] == [4, 8]
+    for h in (history[3], history[7]):
+        assert 0 < h["valid/ndcg@10"] <= 1 and 0 < h["valid/mrr"] <= h["valid/hr@10"] <= 1, h
+        assert h["valid/ce"] > 0
     first = sum(h["total"] for h in history[:2]) / 2
     last = sum(h["total"] for h in history[-2:]) / 2
     assert last < first, [h["total"] for h in history]
