@@ -2,7 +2,12 @@
 
 The folder is built in a temporary directory beside ``out`` and renamed into place
 only when everything succeeded, so ``out`` never holds a half-written result.
-It is read back with ``data.source=prepared data.reviews=<out>``.
+
+One step from there to a run: the command prints the overrides that point every
+stage at the folder (:func:`pipeline_overrides`)::
+
+    layerwise-dist data prepare --reviews Electronics.jsonl.gz --meta meta_Electronics.jsonl.gz --out data/el
+    layerwise-dist pipeline data.source=prepared data.reviews=/abs/data/el data.category=Electronics
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -60,7 +66,29 @@ def summary(out: str | Path, stats: dict[str, Any]) -> str:
     )
 
 
+def pipeline_overrides(out: str | Path, category: str) -> list[str]:
+    """The ``key=value`` overrides that make any run command read a prepared folder."""
+    return ["data.source=prepared", f"data.reviews={Path(out).resolve()}", f"data.category={category}"]
+
+
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..config import help_text
+
+    parser.description = (
+        "Reviews + item metadata -> a prepared split folder (train/valid/test/items.parquet + stats.json). "
+        "Reviews: one record per interaction with user_id (str), parent_asin (str), rating (number), timestamp "
+        "(integer ms); item metadata: parent_asin and title (main_category optional). Files: .jsonl, .jsonl.gz, "
+        ".parquet (or the benchmark CSVs with source=benchmark_csv)."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    data_keys = [
+        line
+        for line in help_text().splitlines()
+        if line.startswith("  data.") and not line.startswith(("  data.reviews=", "  data.meta="))
+    ]
+    parser.epilog = "data keys (key=value, the data. prefix optional; default shown after '='):\n" + "\n".join(
+        data_keys
+    )
     parser.add_argument("--reviews", required=True, help="reviews file (jsonl, jsonl.gz, parquet, csv) or folder")
     parser.add_argument("--meta", default="", help="item metadata file (default: meta_<category>.* beside the reviews)")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -111,4 +139,6 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(args.out, splits.stats))
+    command = ["layerwise-dist", "pipeline", *pipeline_overrides(args.out, splits.category)]
+    print(f"next: {shlex.join(command)}  (any command, --preset and key=value work as usual)")
     return 0
