@@ -247,3 +247,41 @@ def test_qwen_window_threshold_follows_the_chosen_layers():
     assert student.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     assert student.config.max_window_layers == 1
     assert [layer.self_attn.sliding_window for layer in student.model.layers] == [None, 4, 4]
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_nf4_teacher_fisher_and_student_equal_the_dequantized_model(arch, batches, input_ids, tmp_path):
+    """A 4-bit NF4 teacher: the Gram-trick Fisher equals the brute force on an fp32 model holding the dequantized
+    weights, and the student built from the 4-bit teacher computes what that model's chosen layers compute."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    _model(arch).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.float32,
+    )
+    q4 = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32).eval()
+    ref = _model(arch)
+    ref_modules = dict(ref.named_modules())
+    n4 = 0
+    for name, mod in q4.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
+            ref_modules[name].weight.data.copy_(w.reshape_as(ref_modules[name].weight))
+            n4 += 1
+    assert n4 == 7 * len(decoder_layers(q4))
+    prof = compute_fisher_profile(q4, batches[:1], "parameter", progress=False, linear_method="gram")
+    expected = _brute_parameter(ref, batches[:1])
+    _close(prof.scores, expected.sum(1))
+    _close(prof.module_scores["attention"], expected[:, 0])
+
+    chosen = CHOSEN[arch]
+    student, _ = build_student(q4, chosen)
+    student.eval()
+    with torch.no_grad():
+        logits = student(input_ids=input_ids, use_cache=False).logits
+    torch.testing.assert_close(logits, _bypassed_forward(ref, chosen, input_ids), rtol=1e-4, atol=1e-4)
