@@ -217,3 +217,20 @@ def test_cli_evaluate_on_a_candidate_file_with_permutations_and_baseline_only(be
     assert main(["compare", files["teacher"], str(run2 / "per_example" / "popularity.parquet"), "--ks", "1", "3"]) == 0
     out = capsys.readouterr().out
     assert "12 paired examples" in out and "hr@3" in out
+
+
+def test_eval_config_fields_and_one_line_errors():
+    from layerwise_dist.config import ConfigError, load_config
+
+    cfg = load_config("tiny")
+    assert cfg.eval.ks == [1, 5, 10, 20] and cfg.eval.permutations == 1 and cfg.eval.models
+    assert cfg.eval.baselines == ["random", "popularity"] and cfg.data.system_prompt == ""
+    assert "system_prompt" in cfg.data.prompt_settings()
+    assert load_config("tiny", ["eval.ks=[3,50]"]).eval.ks == [3, 50]
+    for override, message in [
+        ("eval.permutations=0", "eval.permutations must be > 0"),
+        ("eval.baselines=[pop]", "eval.baselines must be some of random, popularity"),
+        ("eval.candidates_format=csv", "eval.candidates_format must be one of llmrank"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("tiny", [override])

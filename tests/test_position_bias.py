@@ -132,12 +132,30 @@ class PositionModel(torch.nn.Module):
         return self.bias.expand(*input_ids.shape, -1)
 
 
-def test_position_model_through_tokens_and_evaluation(examples_target_first, tmp_path):
-    """The real path (prompts, tokens, letter log-probs): a letter-A model is at chance once permuted."""
-    from layerwise_dist.data import collate, label_token_ids, tokenize_examples
+@pytest.fixture(scope="module")
+def tok():
     from layerwise_dist.models.teacher import load_tokenizer
 
-    tok = load_tokenizer(TeacherConfig(model="tiny"))
+    return load_tokenizer(TeacherConfig(model="tiny"))
+
+
+def test_system_prompt_is_in_the_tokens_and_the_cache_key(examples_target_first, tok, tmp_path):
+    from layerwise_dist.data import tokenize_examples
+
+    ex = examples_target_first[:3]
+    plain = tokenize_examples(ex, tok, DataConfig(num_candidates=C), cache_dir=tmp_path)
+    custom = tokenize_examples(ex, tok, DataConfig(num_candidates=C, system_prompt="Rank games."), cache_dir=tmp_path)
+    a, b = tok.decode(plain[0]["input_ids"]), tok.decode(custom[0]["input_ids"])
+    assert "named SmolLM" in a and "Rank games." not in a
+    assert b.startswith("<|im_start|>system\nRank games.<|im_end|>") and "named SmolLM" not in b
+    assert a.split("<|im_end|>", 1)[1] == b.split("<|im_end|>", 1)[1]
+    assert plain[0]["target_index"] == custom[0]["target_index"] == 0
+
+
+def test_position_model_through_tokens_and_evaluation(examples_target_first, tok, tmp_path):
+    """The real path (prompts, tokens, letter log-probs): a letter-A model is at chance once permuted."""
+    from layerwise_dist.data import collate, label_token_ids, tokenize_examples
+
     cfg = DataConfig(num_candidates=C, history_len=3, title_max_tokens=6, cache_dir=str(tmp_path))
     ex = examples_target_first[:120]
     model = PositionModel(len(tok), label_token_ids(tok, C))
