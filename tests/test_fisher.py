@@ -341,3 +341,29 @@ def test_parameter_form_on_pointwise_title_batches_equals_brute_force(model):
         _close(prof.module_scores["attention"], expected[:, 0], 1e-4)
         _close(prof.module_scores["mlp"], expected[:, 1], 1e-4)
         assert prof.num_examples == len(examples)
+
+
+def test_four_bit_fisher_after_an_inference_forward(tmp_path):
+    """On CPUs with AVX512-BF16 bitsandbytes repacks a 4-bit weight for an inference-only kernel (no backward) on
+    the first no-grad forward; a Fisher pass after an evaluation must still see every gradient and give the
+    profile it gives before (up to the repacked block scales' rounding)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from layerwise_dist.fisher.estimator import unpack_cpu_4bit_weights
+
+    tiny_llama(seed=0).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.float32,
+    )
+    q4 = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32).eval()
+    batches = make_batches(4, 2, seed=5)
+    before = compute_fisher_profile(q4, batches, "parameter", progress=False)
+    with torch.no_grad():
+        q4(input_ids=batches[0]["input_ids"])  # an evaluation forward (may repack)
+    after = compute_fisher_profile(q4, batches, "parameter", progress=False)
+    _close(after.scores, torch.tensor(before.scores, dtype=torch.float64), 1e-3)
+    assert unpack_cpu_4bit_weights(q4) == 0  # nothing left packed: the pass's inputs require grad

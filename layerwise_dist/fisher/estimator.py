@@ -33,6 +33,29 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return decoder_layers_of(model)
 
 
+def unpack_cpu_4bit_weights(net: nn.Module) -> int:
+    """Undo bitsandbytes' CPU inference repacking of 4-bit weights, in place; returns how many were unpacked.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` in eval mode repacks its weight for an inference-only kernel
+    on the first forward whose input needs no gradient (an evaluation, a recommendation). That kernel has no
+    backward: a Fisher pass after it would get no gradient through the layer. The repacked weight is turned
+    back into the standard NF4 layout (the same codes), and the pass's inputs require grad, so it stays so.
+    """
+    count = 0
+    for module in net.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if type(module).__name__ != "Linear4bit" or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        if hasattr(weight, "ds_id"):  # a ZeRO-3 partition: left to DeepSpeed
+            continue
+        import bitsandbytes.functional as bnbf
+
+        weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        count += 1
+    return count
+
+
 def _is_engine(model: Any) -> bool:
     return hasattr(model, "module") and hasattr(model, "backward") and isinstance(model.module, nn.Module)
 
@@ -116,6 +139,7 @@ def compute_fisher_profile(
     if backward is None:
         backward = torch.Tensor.backward
     layers = decoder_layers(net)
+    unpack_cpu_4bit_weights(net)
     L = len(layers)
     device = model_device(model)
     totals = torch.zeros(5 * L + 1, dtype=torch.float64)
