@@ -97,8 +97,26 @@ def split_models_and_overrides(items: Sequence[str]) -> tuple[list[str], list[st
     return models, overrides
 
 
+def run_folder_models(label: str, folder: Path) -> list[ModelSpec]:
+    """The models of a run folder (``output_dir`` of a pipeline): its zero-shot teacher, its adapted teacher
+    where adapters exist (``adapt/merged``) and its student, each as a row ``<label>/<kind>``."""
+    import yaml
+
+    raw = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    teacher = (raw.get("teacher") or {}).get("model")
+    out = [ModelSpec(f"{label}/zero-shot", str(teacher))] if teacher else []
+    if (folder / "adapt" / "merged" / "config.json").is_file():
+        out.append(ModelSpec(f"{label}/adapted", str(folder / "adapt" / "merged")))
+    if (folder / "student" / "config.json").is_file():
+        out.append(ModelSpec(f"{label}/student", str(folder / "student")))
+    if not out:
+        raise CompareError(f"--models: run folder {folder} names no teacher and holds no adapted teacher or student")
+    return out
+
+
 def parse_models(specs: Sequence[str]) -> list[ModelSpec]:
-    """``SPEC`` or ``LABEL=SPEC`` per model; labels must be distinct."""
+    """``SPEC`` or ``LABEL=SPEC`` per model; a run folder (``config.yaml``, no ``config.json``) stands for its
+    zero-shot teacher, adapted teacher and student (:func:`run_folder_models`); labels must be distinct."""
     if not specs:
         raise CompareError("compare needs at least one model: --models A B ...")
     out = []
@@ -108,7 +126,11 @@ def parse_models(specs: Sequence[str]) -> list[ModelSpec]:
             label, model = spec, spec
         if not label or not model:
             raise CompareError(f"--models: {spec!r} is not SPEC or LABEL=SPEC")
-        out.append(ModelSpec(label, model))
+        folder = Path(model).expanduser()
+        if folder.is_dir() and (folder / "config.yaml").is_file() and not (folder / "config.json").is_file():
+            out += run_folder_models(label if sep else folder.name, folder)
+        else:
+            out.append(ModelSpec(label, model))
     labels = [m.label for m in out]
     if len(set(labels)) != len(labels):
         dup = sorted({x for x in labels if labels.count(x) > 1})
@@ -149,11 +171,16 @@ def request_latencies(model: Any, data: Any, count: int, pad_token_id: int, poin
     n = min(len(data), count + 1)
     if n < 2:
         raise CompareError(f"latency needs at least 2 examples (one warm-up); got {len(data)}")
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for i in range(n):
         batch = load_batch(data, [i], pad_token_id)
+        sync()
         t0 = time.perf_counter()
         forward_scores(model, batch, None, pointwise_score)
+        sync()
         if i:
             times.append((time.perf_counter() - t0) * 1e3)
     return times
@@ -189,6 +216,7 @@ def evaluate_one(
 
     from .data import tokenize_examples
     from .data.sampler import load_batch
+    from .distributed import device
     from .evaluation import evaluate_per_example, measure_cost
     from .fisher import compute_fisher_profile
     from .models.student import decoder_layers_of
@@ -207,7 +235,7 @@ def evaluate_one(
     batches = [load_batch(data, range(i, min(i + size, len(data))), pad) for i in range(0, len(data), size)]
 
     t0 = time.perf_counter()
-    model = load_teacher(tcfg)
+    model = load_teacher(tcfg).to(device())  # replicated, as a run's evaluation serves it
     load_s = time.perf_counter() - t0
     score = cfg.data.pointwise_score
     t0 = time.perf_counter()

@@ -121,3 +121,19 @@ def test_cli_unknown_model_is_one_line(tmp_path):
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors and "no such model folder" in errors[0] and "Traceback" not in out.stderr
+
+
+def test_a_run_folder_stands_for_its_zero_shot_adapted_and_student_models(tmp_path):
+    run = tmp_path / "demo"
+    (run / "adapt" / "merged").mkdir(parents=True)
+    (run / "student").mkdir()
+    (run / "config.yaml").write_text("teacher:\n  model: smollm2-135m\n")
+    (run / "adapt" / "merged" / "config.json").write_text("{}")
+    specs = cmp.parse_models([str(run), "g=gemma3-270m"])
+    assert [(s.label, s.model) for s in specs] == [
+        ("demo/zero-shot", "smollm2-135m"),
+        ("demo/adapted", str(run / "adapt" / "merged")),
+        ("g", "gemma3-270m"),
+    ]  # no student/config.json: no student row
+    (run / "student" / "config.json").write_text("{}")
+    assert [s.label for s in cmp.parse_models([f"mine={run}"])] == ["mine/zero-shot", "mine/adapted", "mine/student"]
