@@ -167,7 +167,9 @@ class BaseRecommender:
             self._retrievers[category] = CandidateRetriever.from_split(self._split(category), self.serve_config)
         return self._retrievers[category]
 
-    def recommend(self, user_id: str, category: str = "All_Beauty", top_k: int = 3) -> list[dict[str, Any]]:
+    def recommend(
+        self, user_id: str, category: str = "All_Beauty", top_k: int = 3, history: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
         """The ``top_k`` retrieved items with the highest model score, best first.
 
         Each entry is ``{"item_id", "title", "score", "source"}``: ``score`` as
@@ -175,11 +177,16 @@ class BaseRecommender:
         (``co-occurrence``, ``popularity``, or ``catalogue`` without retrieval). At least
         ``top_k`` candidates are retrieved; fewer entries come back only when the user has
         fewer untouched items.
+
+        ``history``: the items the user interacted with, oldest first, instead of the data's
+        record of ``user_id`` (a user the data does not know; ``[]`` is a cold user, served
+        popular items re-ranked by the model). Without it an unknown ``user_id`` is an error.
         """
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise RecommendError(f"top_k must be a positive integer; got {top_k!r}")
-        _, candidates = self.candidates(user_id, category, at_least=top_k)
-        scores = self._score(user_id, category, candidates)
+        sequence = self._sequence(user_id, category, history)
+        candidates = self._candidates(sequence, category, top_k)
+        scores = self._score(user_id, category, candidates, sequence)
         # Stable sort: equal scores keep the retrieval order.
         ranked = sorted(range(len(candidates)), key=lambda i: -scores[i])[:top_k]
         titles = self._split(category).titles
@@ -194,35 +201,59 @@ class BaseRecommender:
         ]
 
     def candidates(
-        self, user_id: str, category: str = "All_Beauty", at_least: int = 1
+        self,
+        user_id: str,
+        category: str = "All_Beauty",
+        at_least: int = 1,
+        history: Sequence[str] | None = None,
     ) -> tuple[list[str], list[Candidate]]:
         """(history: the most recent ``history_len`` items, the candidates the model re-ranks).
 
         Candidates: ``max(serve.num_candidates, at_least)`` retrieved items, best first; with
-        ``serve.num_candidates=0`` every untouched item in catalogue order."""
+        ``serve.num_candidates=0`` every untouched item in catalogue order. ``history`` as in
+        :meth:`recommend`."""
+        sequence = self._sequence(user_id, category, history)
+        return sequence[-self.data_config.history_len :], self._candidates(sequence, category, at_least)
+
+    def score_items(
+        self, user_id: str, category: str = "All_Beauty", history: Sequence[str] | None = None
+    ) -> list[tuple[str, float]]:
+        """(item_id, model score) of every candidate of :meth:`candidates`, in candidate order."""
+        sequence = self._sequence(user_id, category, history)
+        candidates = self._candidates(sequence, category, 1)
+        return list(zip([c.item_id for c in candidates], self._score(user_id, category, candidates, sequence)))
+
+    def _sequence(self, user_id: str, category: str, history: Sequence[str] | None) -> list[str]:
+        """Everything known about the user, oldest first: ``history`` when given, else the data's record."""
         split = self._split(category)
+        if history is not None:
+            if isinstance(history, str):
+                raise RecommendError("history must be a list of item ids, not one string")
+            unknown = [i for i in history if i not in split.titles]
+            if unknown:
+                raise RecommendError(f"unknown item {unknown[0]!r} in the history (not in category {category!r})")
+            return list(history)
         if user_id not in split.train:
-            raise RecommendError(f"unknown user {user_id!r} in category {category!r} ({len(split.train)} known users)")
-        sequence = split.sequence(user_id)
-        history = sequence[-self.data_config.history_len :]
+            raise RecommendError(
+                f"unknown user {user_id!r} in category {category!r} ({len(split.train)} known users; "
+                "give the user's history to serve a new user)"
+            )
+        return split.sequence(user_id)
+
+    def _candidates(self, sequence: list[str], category: str, at_least: int) -> list[Candidate]:
         n = self.serve_config.num_candidates
         if n == 0:
             touched = set(sequence)
-            return history, [Candidate(i, CATALOGUE, 0.0) for i in split.all_items if i not in touched]
-        return history, self.retriever(category).retrieve(sequence, max(n, at_least), exclude=sequence)
-
-    def score_items(self, user_id: str, category: str = "All_Beauty") -> list[tuple[str, float]]:
-        """(item_id, model score) of every candidate of :meth:`candidates`, in candidate order."""
-        _, candidates = self.candidates(user_id, category)
-        return list(zip([c.item_id for c in candidates], self._score(user_id, category, candidates)))
+            return [Candidate(i, CATALOGUE, 0.0) for i in self._split(category).all_items if i not in touched]
+        return self.retriever(category).retrieve(sequence, max(n, at_least), exclude=sequence)
 
     # ------------------------------------------------------------------ scoring
 
-    def _score(self, user_id: str, category: str, candidates: Sequence[Candidate]) -> list[float]:
+    def _score(self, user_id: str, category: str, candidates: Sequence[Candidate], sequence: list[str]) -> list[float]:
         if not candidates:
             return []
         split = self._split(category)
-        history = split.sequence(user_id)[-self.data_config.history_len :]
+        history = sequence[-self.data_config.history_len :]
         items = [c.item_id for c in candidates]
         if self.data_config.formulation == "pointwise":
             return self._score_pointwise(user_id, split, history, items)

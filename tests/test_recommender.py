@@ -254,3 +254,36 @@ def test_prompt_settings_file_is_what_the_recommender_reads(tmp_path, model, tok
     stored = json.loads((folder / "config.json").read_text())["layerwise_dist"]["prompt"]
     assert stored["formulation"] == "pointwise"
     assert BaseRecommender(model_name=str(folder)).data_config.prompt_settings() == POINTWISE.prompt_settings()
+
+
+def test_new_and_cold_users_are_served_from_a_given_history(model, tokenizer, split):
+    rec = BaseRecommender(
+        model=model, tokenizer=tokenizer, data=split, data_config=POINTWISE, serve_config=ServeConfig(num_candidates=4)
+    )
+    # a known user's own record given as history: the same ranking as by user id
+    assert rec.recommend("anyone", top_k=3, history=split.sequence("u1")) == rec.recommend("u1", top_k=3)
+    # a new user who bought i0: what followed i0 in the training sequences first
+    _, pool = rec.candidates("new", history=["i0"])
+    assert [(c.item_id, c.source) for c in pool[:4]] == [
+        ("i1", "co-occurrence"),
+        ("i9", "co-occurrence"),
+        ("i2", "co-occurrence"),
+        ("i10", "co-occurrence"),
+    ]
+    # a cold user: the most popular training items, re-ranked by the model over an empty history
+    cold = rec.recommend("new", top_k=4, history=[])
+    assert {r["source"] for r in cold} == {"popularity"}
+    assert {r["item_id"] for r in cold} == {"i0", "i1", "i2", "i3"}
+    with pytest.raises(RecommendError, match="unknown item 'nope'"):
+        rec.recommend("new", history=["nope"])
+    with pytest.raises(RecommendError, match="give the user's history"):
+        rec.recommend("new")
+
+
+def test_cli_serves_a_cold_user(tmp_path, capsys, model, tokenizer):
+    folder = _saved(tmp_path, model, tokenizer, POINTWISE)
+    api = BaseRecommender(model_name=str(folder)).recommend("newcomer", top_k=3, history=[])
+    assert main(["recommend", "--model", str(folder), "--user", "newcomer", "--history", "", "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert _cli_ranking(out) == [(r["item_id"], f"{r['score']:.4f}", "popularity") for r in api]
+    assert "0 by co-occurrence" in out and "50 by popularity" in out
