@@ -285,3 +285,25 @@ def test_nf4_teacher_fisher_and_student_equal_the_dequantized_model(arch, batche
     with torch.no_grad():
         logits = student(input_ids=input_ids, use_cache=False).logits
     torch.testing.assert_close(logits, _bypassed_forward(ref, chosen, input_ids), rtol=1e-4, atol=1e-4)
+
+
+def test_recommend_with_a_gemma3_student(tmp_path):
+    """recommend() serves a student built from a Gemma3 teacher's layers (saved, loaded by folder name)."""
+    import math
+
+    from layerwise_dist.config import TeacherConfig
+    from layerwise_dist.models.teacher import resolve_model_dir
+    from layerwise_dist.recommender import BaseRecommender
+
+    teacher_dir = resolve_model_dir(TeacherConfig(model="tiny:gemma3"))
+    student, _ = build_student(teacher_dir, [0, 1])
+    student.save_pretrained(tmp_path / "student")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "student")
+    rec = BaseRecommender(model_name=str(tmp_path / "student"), quantization="none")
+    assert type(rec.model).__name__ == "Gemma3ForCausalLM"
+    user = next(iter(rec.data["All_Beauty"].train))
+    out = rec.recommend(user, category="All_Beauty", top_k=3)
+    assert len(out) == 3 and all(r["title"] and math.isfinite(r["score"]) for r in out)
+    assert [r["score"] for r in out] == sorted((r["score"] for r in out), reverse=True)
