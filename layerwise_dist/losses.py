@@ -263,6 +263,9 @@ def expose_layer_outputs(model: nn.Module) -> LayerOutputsHandle:
     ``hidden_states[-1]``; the output is marked ``raw_layer_outputs = True``. Logits are unchanged.
     Give the HF model (``engine.module`` under DeepSpeed); ``.remove()`` on the result undoes it.
     """
+    existing = getattr(model, "_ld_layer_outputs_handle", None)
+    if existing is not None and existing._handles:  # already exposed (a teacher shared by ablation cells)
+        return existing
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     norm = getattr(decoder, "norm", None)
     if not isinstance(norm, nn.Module):
@@ -280,9 +283,11 @@ def expose_layer_outputs(model: nn.Module) -> LayerOutputsHandle:
             output.raw_layer_outputs = True
         return output
 
-    return LayerOutputsHandle(
+    handle = LayerOutputsHandle(
         [norm.register_forward_pre_hook(keep_norm_input), model.register_forward_hook(restore_last)]
     )
+    model._ld_layer_outputs_handle = handle
+    return handle
 
 
 def _post_norm_last(out: Any) -> bool:
@@ -450,12 +455,17 @@ def packed_forward(model: Any, packed: PackedBatch, hf_model: nn.Module | None =
     keep, _ = packed_logit_positions(packed)
     return model(
         input_ids=packed.input_ids,
-        attention_mask=packed.additive_attention_mask(dtype).to(packed.input_ids.device),
+        attention_mask=_mask_to(packed.model_attention_mask(inner.config, dtype), packed.input_ids.device),
         position_ids=packed.position_ids,
         logits_to_keep=keep,
         output_hidden_states=True,
         use_cache=False,
     )
+
+
+def _mask_to(mask: Any, device: torch.device) -> Any:
+    """A packed batch's mask (a tensor, or one per layer type for sliding-window models) on ``device``."""
+    return {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)
 
 
 def _token_log_probs(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

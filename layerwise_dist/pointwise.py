@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -263,11 +263,36 @@ class PackedBatch:
             pad_id=self.pad_id,
         )
 
-    def additive_attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 1, L, L] float mask of ``dtype``: 0 where attention is allowed, ``finfo(dtype).min`` elsewhere."""
+    def additive_attention_mask(self, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor:
+        """[B, 1, L, L] float mask of ``dtype``: 0 where attention is allowed, ``finfo(dtype).min`` elsewhere.
+
+        ``sliding_window``: also block keys ``sliding_window`` or more positions before the query (HF's
+        sliding-window rule, on the true positions ``position_ids``, so a candidate token sees the prefix
+        tokens a separate sequence would show it)."""
         zero = torch.zeros((), dtype=dtype)
         blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
-        return torch.where(self.attention_mask, zero, blocked)
+        allowed = self.attention_mask
+        if sliding_window is not None:
+            pos = self.position_ids
+            allowed = allowed & ((pos[:, :, None] - pos[:, None, :]) < int(sliding_window))[:, None]
+        return torch.where(allowed, zero, blocked)
+
+    def model_attention_mask(self, config: Any, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The mask to pass a model of ``config``: a custom 4D mask is used as given by every layer, so a model
+        with sliding-window layers (Gemma 2/3, Qwen2/3 ``layer_types``) gets one mask per layer type, and a
+        model whose every layer slides (``sliding_window`` without ``layer_types``) the windowed mask."""
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        if not window:
+            return self.additive_attention_mask(dtype)
+        if types is None:
+            return self.additive_attention_mask(dtype, window)
+        if "sliding_attention" not in types:
+            return self.additive_attention_mask(dtype)
+        return {
+            "full_attention": self.additive_attention_mask(dtype),
+            "sliding_attention": self.additive_attention_mask(dtype, window),
+        }
 
 
 def _check_ids(prefix_ids: Sequence[int], candidates: Sequence[Sequence[int]], what: str) -> None:
@@ -421,6 +446,10 @@ def _check_attn_implementation(model) -> None:
         )
 
 
+def _to(mask: torch.Tensor | dict[str, torch.Tensor], device: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)
+
+
 def _decoder(model) -> torch.nn.Module:
     """The decoder stack of a ``*ForCausalLM`` (``model.model`` for Llama/Qwen2/Gemma3)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
@@ -460,7 +489,7 @@ def packed_slot_logprob_sums(model, packed: PackedBatch) -> torch.Tensor:
     dtype = model.get_input_embeddings().weight.dtype
     out = _decoder(model)(
         input_ids=packed.input_ids.to(device),
-        attention_mask=packed.additive_attention_mask(dtype).to(device),
+        attention_mask=_to(packed.model_attention_mask(model.config, dtype), device),
         position_ids=packed.position_ids.to(device),
         use_cache=False,
     )

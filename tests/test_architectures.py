@@ -307,3 +307,28 @@ def test_recommend_with_a_gemma3_student(tmp_path):
     out = rec.recommend(user, category="All_Beauty", top_k=3)
     assert len(out) == 3 and all(r["title"] and math.isfinite(r["score"]) for r in out)
     assert [r["score"] for r in out] == sorted((r["score"] for r in out), reverse=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_pointwise_scores_respect_sliding_windows(arch):
+    """Pointwise scoring packs a user's prefix and every candidate into one row under a custom mask; with
+    sliding-window layers (window 4 here, prompts of 9+ tokens) each layer type gets its own mask, so packed
+    scores equal one ordinary forward per candidate, for the scorer and for the distillation forward."""
+    from layerwise_dist.losses import packed_forward, packed_logit_positions
+    from layerwise_dist.pointwise import pack_candidates_batch, score_candidates, score_candidates_separately
+
+    model = _model(arch)
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, 256, (9,), generator=gen).tolist()
+    cands = [torch.randint(3, 256, (k,), generator=gen).tolist() for k in (2, 3, 5)]
+    packed = score_candidates(model, prefix, cands, "sum")
+    separate = score_candidates_separately(model, prefix, cands, "sum")
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
+
+    batch = pack_candidates_batch([prefix], [cands])
+    keep, index = packed_logit_positions(batch)
+    with torch.no_grad():
+        logits = packed_forward(model, batch).logits.reshape(-1, model.config.vocab_size)
+        first = torch.log_softmax(model(input_ids=torch.tensor([prefix])).logits[0, -1], -1)
+    # The prefix's last position predicts every candidate's first token: the same distribution as alone.
+    torch.testing.assert_close(torch.log_softmax(logits[index[0]], -1), first, rtol=1e-5, atol=1e-5)
