@@ -226,8 +226,9 @@ class DistillRecipe:
             )
         return self
 
-    def release(self) -> None:
-        """Free the student engine and this rank's teacher before evaluation loads the models it measures."""
+    def release(self, keep_teacher: bool = False) -> None:
+        """Free the student engine and (unless ``keep_teacher``: the next ablation cell distils from it)
+        this rank's teacher, before evaluation loads the models it measures."""
         import gc
 
         runner = getattr(self, "runner", None)
@@ -235,7 +236,8 @@ class DistillRecipe:
         if engine is not None and hasattr(engine, "destroy"):
             engine.destroy()
         self.runner = self.student = None
-        self.session.teacher.release()
+        if not keep_teacher:
+            self.session.teacher.release()
         gc.collect()
 
     def save(self) -> Path:

@@ -99,7 +99,16 @@ def _finish_with_eval(session: RunSession, student_dir: Any, with_teacher: bool 
     return session.finish()
 
 
+def ablation(cfg: RunConfig) -> dict[str, Any]:
+    """(Adaptation,) Fisher profile, one student per layer selection x weighting (nested runs), evaluation."""
+    from .ablation import AblationRecipe
+
+    with RunSession(cfg) as session:
+        return AblationRecipe(session).run()
+
+
 JOBS: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
+    "ablation": ablation,
     "adapt": adapt,
     "fisher": fisher,
     "distill": distill,
@@ -108,6 +117,8 @@ JOBS: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
 }
 
 DESCRIPTIONS = {
+    "ablation": "students for every ablation.selections x ablation.weightings (and the task loss alone) from one "
+    "(adapted) teacher, same budget, each a nested run in output_dir/cells/; resumable cell by cell",
     "adapt": "train LoRA adapters on the teacher (QLoRA on a 4-bit ZeRO-3 base): output_dir/adapt/adapter + merged/",
     "fisher": "measure the layerwise Fisher profile of the teacher (JSON + PNG in output_dir)",
     "distill": "build the student from teacher layers, distil it, save it and score it on the test split",

@@ -119,6 +119,8 @@ class RunSession:
         self.meter = StageMeter()  # per-stage wall time and peak RSS on every rank (results.json "memory")
 
     def __enter__(self) -> RunSession:
+        if getattr(self, "_parent", None) is not None:
+            return self._enter_child()
         from ..data import load_splits
         from ..models.teacher import load_tokenizer
         from ..tracking import make_tracker
@@ -232,6 +234,45 @@ class RunSession:
         self.cfg = dataclasses.replace(self.cfg, teacher=dataclasses.replace(self.cfg.teacher, **changes))
         self.teacher = TeacherHandle(self.cfg)
         return self.cfg
+
+    def child(self, out: str | Path, cfg: RunConfig, run_name: str) -> RunSession:
+        """A run inside this one (an ablation cell): its own folder, config, results and MLflow run (nested
+        under this run's), sharing the process group, tokenizer, data and, when ``cfg.teacher`` is this
+        run's, the loaded teacher. Use as ``with session.child(...) as cell: ... cell.finish()``."""
+        c = object.__new__(RunSession)
+        c.cfg, c.out, c._parent, c._child_name = cfg, Path(out), self, run_name
+        c.timings, c.results, c.tracker, c._lock = {}, {}, None, None
+        c.teacher = self.teacher if cfg.teacher == self.cfg.teacher else TeacherHandle(cfg)
+        same_data = cfg.data == self.cfg.data and cfg.eval == self.cfg.eval
+        c._datasets = self._datasets if same_data else {}
+        c._rank_examples = self._rank_examples if same_data else {}
+        c.base_teacher, c.tokenizer, c.splits = self.base_teacher, self.tokenizer, self.splits
+        c.ds_config = resolve_ds_config(cfg.ds_config, cfg, "train")
+        c._t0 = time.perf_counter()
+        from ..stages import StageMeter
+
+        c.meter = StageMeter()
+        return c
+
+    def _enter_child(self) -> RunSession:
+        from ..tracking import make_tracker
+
+        parent = self._parent
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.out / "config.yaml")
+        barrier()
+        parent_id = None
+        if parent.tracker is not None and hasattr(parent.tracker, "flush"):
+            parent.tracker.flush()
+            parent_id = getattr(parent.tracker, "run_id", None)
+        self.tracker = make_tracker(
+            self.cfg.tracking, parent.out.parent, run_name=self._child_name, rank=rank(), run_dir=self.out
+        )
+        self.tracker.log_params(self.cfg.to_dict())
+        if parent_id:  # MLflow shows the cell under the parent run
+            self.tracker.set_tags({"mlflow.parentRunId": parent_id})
+        return self
 
     @cached_property
     def pad_token_id(self) -> int:

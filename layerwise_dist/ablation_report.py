@@ -1,0 +1,396 @@
+"""The ablation's report: every ranker on the same users, paired differences, verdicts on the claims.
+
+``write_ablation_report(run_dir)`` reads what ``layerwise-dist ablation`` wrote (``results.json``,
+``cells/*/results.json``, the per-example parquet files, the Fisher profiles, the first cell's
+``train_history.json``) and writes ``ablation_report.md``, ``ablation.json`` and
+``ablation_quality.png`` / ``ablation_curve.png`` into ``run_dir``. Nothing is re-measured: every
+figure comes from those files, every average with its 95% bootstrap interval over users, every
+difference between two rankers with a paired bootstrap interval over the same users.
+
+Verdicts (whatever they show): H1 (upper layers matter more: the Fisher mass in the top 30% of depth
+against the bottom 30%, zero-shot and adapted teacher, beside Block Influence); H3 (Fisher-weighted
+layer losses beat uniform / linear ones: the paired interval of the NDCG@10 difference, per layer
+selection); the Layerwise-Adapter headline (92% quality, 3.2x speed, 68% memory at 32 -> 8) beside
+the measured figures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HEADLINE = {"retention": 0.92, "speedup": 3.2, "memory_reduction": 0.68, "layers": "32 -> 8"}
+METRICS = ("ndcg@10", "hr@10", "mrr")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _per_example(run: Path, results: Mapping[str, Any], ranker: str) -> Path | None:
+    files = results.get("per_example_files") or {}
+    path = files.get(ranker) or (run / "per_example" / f"{ranker}.parquet")
+    return Path(path) if Path(path).is_file() else None
+
+
+def _values(path: Path, metric: str = "ndcg@10") -> dict[tuple[str, str], float]:
+    from .evaluation import read_per_example
+
+    table = read_per_example(path)
+    if metric not in table:
+        raise ValueError(f"{path}: no per-example column {metric!r}")
+    return {(u, t): float(v) for u, t, v in zip(table["user"], table["target"], table[metric])}
+
+
+def ratio_interval(
+    num: Mapping[Any, float], den: Mapping[Any, float], n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``mean(num) / mean(den)`` over the users both hold, with a 95% percentile bootstrap over those users."""
+    keys = sorted(set(num) & set(den))
+    if not keys:
+        raise ValueError("no common users")
+    a = np.array([num[k] for k in keys])
+    b = np.array([den[k] for k in keys])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(keys), size=(n_boot, len(keys)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boots = a[idx].mean(1) / b[idx].mean(1)
+    boots = boots[np.isfinite(boots)]
+    point = float(a.mean() / b.mean()) if b.mean() else float("nan")
+    if not len(boots):
+        return point, float("nan"), float("nan")
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def _verdict(lo: float, hi: float, better: str, worse: str) -> str:
+    if lo > 0:
+        return f"{better} better (interval above 0)"
+    if hi < 0:
+        return f"{worse} better (interval below 0)"
+    return "no difference shown (interval contains 0)"
+
+
+def _fmt_ci(point: Any, ci: Sequence[Any] | None, digits: int = 4) -> str:
+    if point is None:
+        return "n/a"
+    if not ci or ci[0] is None:
+        return f"{point:.{digits}f}"
+    return f"{point:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
+    """Everything the report shows, as one dict (written as ``ablation.json``)."""
+    from .evaluation import compare_per_example
+    from .fisher import FisherProfile
+
+    run = Path(run_dir)
+    top = _load(run / "results.json")
+    if not top:
+        raise FileNotFoundError(f"{run / 'results.json'}: the ablation has not finished its final evaluation")
+    config = top.get("config") or {}
+    rankers: dict[str, dict[str, Any]] = {}
+    files: dict[str, Path] = {}
+    for name, res in (top.get("baselines") or {}).items():
+        rankers[name] = {"kind": "baseline", **{k: res.get(k) for k in (*METRICS, "n", "ci95")}}
+        if (p := _per_example(run, top, name)) is not None:
+            files[name] = p
+    for name in ("teacher_zero_shot", "teacher"):
+        if name in top:
+            rankers[name] = {"kind": "teacher", **{k: top[name].get(k) for k in (*METRICS, "n", "ci95")}}
+            if (p := _per_example(run, top, name)) is not None:
+                files[name] = p
+    cells = []
+    for cell_dir in sorted((run / "cells").glob("*/")):
+        res = _load(cell_dir / "results.json")
+        if "student" not in res:
+            continue
+        name = cell_dir.name
+        cell = res.get("cell") or {}
+        weights = _load(cell_dir / "layer_weights.json")
+        rankers[name] = {
+            "kind": "student",
+            "selection": cell.get("selection"),
+            "weighting": "task_only" if cell.get("task_only") else cell.get("weighting"),
+            "teacher_layers": weights.get("layer_map"),
+            "layer_weights": [round(w, 4) for w in weights.get("weights", [])],
+            **{k: res["student"].get(k) for k in (*METRICS, "n", "ci95")},
+        }
+        if (p := _per_example(cell_dir, res, "student")) is not None:
+            files[name] = p
+        cells.append(name)
+
+    # Retention of each student against the (adapted) teacher, same users, bootstrap over users.
+    if "teacher" in files:
+        teacher_values = _values(files["teacher"])
+        for name in cells:
+            if name in files:
+                point, lo, hi = ratio_interval(_values(files[name]), teacher_values, n_boot)
+                rankers[name]["retention_ndcg@10"] = point
+                rankers[name]["retention_ci95"] = [lo, hi]
+
+    def paired(a: str, b: str) -> dict[str, Any] | None:
+        if a not in files or b not in files:
+            return None
+        out = compare_per_example(files[a], files[b], ks=(10,), n_boot=n_boot)
+        return {"a": a, "b": b, "n": out["n"], "ndcg@10": out["metrics"]["ndcg@10"]}
+
+    pairs: list[dict[str, Any]] = []
+    students = {n: rankers[n] for n in cells}
+    best = max(
+        (n for n in cells if students[n]["weighting"] != "task_only"),
+        key=lambda n: students[n]["ndcg@10"] or 0,
+        default=None,
+    )
+    for a, b in (("teacher", "teacher_zero_shot"), ("teacher", "popularity"), ("teacher_zero_shot", "popularity")):
+        if (p := paired(a, b)) is not None:
+            pairs.append({**p, "question": "adaptation" if b == "teacher_zero_shot" else "teacher vs popularity"})
+    if best is not None:
+        for other, question in (("teacher", "best student vs teacher"), ("popularity", "best student vs popularity")):
+            if (p := paired(best, other)) is not None:
+                pairs.append({**p, "question": question})
+        task_only = next((n for n in cells if students[n]["weighting"] == "task_only"), None)
+        if task_only and (p := paired(best, task_only)) is not None:
+            pairs.append({**p, "question": "value of distillation (best cell vs task loss alone)"})
+    h3 = []
+    selections = sorted({students[n]["selection"] for n in cells})
+    for sel in selections:
+        by_w = {students[n]["weighting"]: n for n in cells if students[n]["selection"] == sel}
+        for a, b in (("fisher", "uniform"), ("fisher", "linear"), ("linear", "uniform")):
+            if a in by_w and b in by_w and (p := paired(by_w[a], by_w[b])) is not None:
+                d = p["ndcg@10"] or {}
+                lo, hi = (d.get("ci95") or [float("nan"), float("nan")])[:2]
+                h3.append({**p, "selection": sel, "verdict": _verdict(lo, hi, a, b)})
+    weightings = sorted({students[n]["weighting"] for n in cells} - {"task_only"})
+    selection_pairs = []
+    for w in weightings:
+        by_s = {students[n]["selection"]: n for n in cells if students[n]["weighting"] == w}
+        for a, b in (("fisher-topk", "uniform"), ("fisher-topk", "first"), ("uniform", "first")):
+            if a in by_s and b in by_s and (p := paired(by_s[a], by_s[b])) is not None:
+                d = p["ndcg@10"] or {}
+                lo, hi = (d.get("ci95") or [float("nan"), float("nan")])[:2]
+                selection_pairs.append({**p, "weighting": w, "verdict": _verdict(lo, hi, a, b)})
+
+    h1 = {}
+    adapted = "teacher_zero_shot" in top
+    profiles = (
+        ("zero_shot", run / "zero_shot" / "fisher_profile.json"),
+        ("adapted" if adapted else "zero_shot", run / "fisher_profile.json"),
+    )
+    for label, path in profiles:
+        if path.is_file():
+            prof = FisherProfile.load_json(path)
+            topshare, bottom = prof.depth_shares(0.3)
+            h1[label] = {
+                "top30_share": topshare,
+                "bottom30_share": bottom,
+                "top_layers": sorted(range(len(prof.scores)), key=lambda i: -prof.scores[i])[:5],
+                "spearman_block_influence": prof.spearman(prof.block_influence) if prof.block_influence else None,
+                "verdict": "upper layers hold more Fisher mass"
+                if topshare > bottom
+                else "lower layers hold more Fisher mass",
+            }
+    if adapted and not (run / "zero_shot" / "fisher_profile.json").is_file():
+        h1["note"] = "no profile of the zero-shot teacher (ablation.zero_shot_fisher=false)"
+
+    comparison = top.get("comparison") or {}
+    headline = {
+        "original": HEADLINE,
+        "measured": {
+            "retention_ndcg@10_best": rankers.get(best, {}).get("retention_ndcg@10") if best else None,
+            "retention_ci95_best": rankers.get(best, {}).get("retention_ci95") if best else None,
+            "best_cell": best,
+            "speedup": comparison.get("speedup"),
+            "memory_reduction": (comparison.get("memory_reduction") or {}).get("memory_model_bytes"),
+            "layers": None,
+        },
+    }
+    curve = []
+    order = [n for n in (top.get("cells") or {}) if n in cells] or cells
+    first = order[0] if order else None  # the first cell of the run validates every ablation.curve_every steps
+    history = _load(run / "cells" / first / "train_history.json") if first else []
+    for h in history or []:
+        if "valid/ndcg@10" in h:
+            curve.append({"step": h["step"], "valid_ndcg@10": h["valid/ndcg@10"], "valid_total": h.get("valid/total")})
+    cfg = _load_yaml(run / "config.yaml")
+    if cfg:
+        n_teacher = (top.get("fisher") or {}).get("scores")
+        headline["measured"]["layers"] = f"{len(n_teacher) if n_teacher else '?'} -> {cfg['student']['num_layers']}"
+    return {
+        "run": str(run),
+        "setup": {
+            "data": {k: cfg.get("data", {}).get(k) for k in ("source", "reviews", "category", "num_candidates", "seed")}
+            if cfg
+            else {},
+            "test_users": config.get("examples"),
+            "formulation": config.get("formulation"),
+            "teacher": (cfg.get("teacher") or {}).get("model") if cfg else None,
+            "adapted": "teacher_zero_shot" in top,
+            "budget": {
+                k: (cfg.get("train") or {}).get(k) for k in ("max_steps", "micro_batch_size", "grad_accum", "lr")
+            }
+            if cfg
+            else {},
+        },
+        "rankers": rankers,
+        "paired": pairs,
+        "h1": h1,
+        "h3": h3,
+        "selection": selection_pairs,
+        "headline": headline,
+        "curve": {"cell": first, "points": curve},
+        "wall_s": _wall(run, cells),
+    }
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
+    top = _load(run / "results.json")
+    out = {"final_stage_s": (top.get("timings") or {}).get("total_s")}
+    out["cells_s"] = {n: _load(run / "cells" / n / "cell.json").get("wall_s") for n in cells}
+    return out
+
+
+def _diff_cell(d: Mapping[str, Any] | None) -> str:
+    if not d:
+        return "n/a"
+    ci = d.get("ci95") or [None, None]
+    return _fmt_ci(d.get("difference"), ci)
+
+
+def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path, Path]:
+    """``ablation_report.md`` + ``ablation.json`` (+ charts) in ``run_dir``; returns (md, json) paths."""
+    run = Path(run_dir)
+    data = collect(run, n_boot)
+    (run / "ablation.json").write_text(json.dumps(data, indent=2, default=str))
+    s = data["setup"]
+    lines = [
+        "# Ablation: layer selection x layer-loss weighting, one teacher, same budget",
+        "",
+        f"- data: {s['data'].get('source')} {s['data'].get('category') or ''} ({s['data'].get('reviews') or 'embedded'}), "
+        f"{s['test_users']} test users, {s['data'].get('num_candidates')} candidates each, seed {s['data'].get('seed')}",
+        f"- teacher: {s['teacher']} ({'adapted' if s['adapted'] else 'zero-shot'}), {s['formulation']} formulation",
+        f"- budget per student: {s['budget']}",
+        "- every figure: 95% bootstrap interval over users; differences: paired bootstrap over the same users",
+        "",
+        "## Every ranker on the same users",
+        "",
+        "| ranker | teacher layers | NDCG@10 | HR@10 | MRR | NDCG@10 retained vs teacher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in data["rankers"].items():
+        ci = r.get("ci95") or {}
+        retained = "" if "retention_ndcg@10" not in r else _fmt_ci(r["retention_ndcg@10"], r["retention_ci95"], 3)
+        layers = r.get("teacher_layers") or ""
+        lines.append(
+            f"| {name} | {layers} | {_fmt_ci(r.get('ndcg@10'), ci.get('ndcg@10'))} | "
+            f"{_fmt_ci(r.get('hr@10'), ci.get('hr@10'))} | {_fmt_ci(r.get('mrr'), ci.get('mrr'))} | {retained} |"
+        )
+    lines += [
+        "",
+        "## Paired differences (NDCG@10, a - b)",
+        "",
+        "| question | a | b | difference [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for p in data["paired"]:
+        lines.append(f"| {p['question']} | {p['a']} | {p['b']} | {_diff_cell(p['ndcg@10'])} |")
+    lines += ["", "## H3: Fisher-weighted layer losses vs linear / uniform (per layer selection)", ""]
+    lines += ["| selection | a | b | NDCG@10 a - b [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for p in data["h3"]:
+        lines.append(f"| {p['selection']} | {p['a']} | {p['b']} | {_diff_cell(p['ndcg@10'])} | {p['verdict']} |")
+    if data["selection"]:
+        lines += ["", "## Layer selection (per weighting)", ""]
+        lines += ["| weighting | a | b | NDCG@10 a - b [95% CI] | verdict |", "|---|---|---|---|---|"]
+        for p in data["selection"]:
+            lines.append(f"| {p['weighting']} | {p['a']} | {p['b']} | {_diff_cell(p['ndcg@10'])} | {p['verdict']} |")
+    lines += ["", "## H1: where the Fisher mass sits", ""]
+    for label, h in data["h1"].items():
+        if label == "note":
+            lines.append(f"- {h}")
+            continue
+        rho = h["spearman_block_influence"]
+        lines.append(
+            f"- {label} teacher: top 30% of depth {h['top30_share']:.1%}, bottom 30% {h['bottom30_share']:.1%} "
+            f"-> {h['verdict']}; top layers {h['top_layers']}; "
+            f"Spearman(Fisher, Block Influence) {'n/a' if rho is None else f'{rho:+.3f}'}"
+        )
+    m, o = data["headline"]["measured"], data["headline"]["original"]
+    lines += ["", "## The Layerwise-Adapter headline beside the measurement", ""]
+    lines += ["| | original (32 -> 8) | measured |", "|---|---|---|"]
+    ret = (
+        "n/a"
+        if m["retention_ndcg@10_best"] is None
+        else _fmt_ci(m["retention_ndcg@10_best"], m["retention_ci95_best"], 3)
+    )
+    lines.append(f"| quality retained (NDCG@10, best cell {m['best_cell']}) | {o['retention']:.0%} | {ret} |")
+    speed, mem = m["speedup"], m["memory_reduction"]
+    speed_s = "n/a" if speed is None else f"{speed:.2f}x"
+    mem_s = "n/a" if mem is None else f"{mem:.1%}"
+    lines.append(f"| rec-scoring speedup | {o['speedup']}x | {speed_s} |")
+    lines.append(f"| memory reduction (parameters + buffers) | {o['memory_reduction']:.0%} | {mem_s} |")
+    lines.append(f"| layers | {o['layers']} | {m['layers']} |")
+    curve = data["curve"]
+    if curve["points"]:
+        lines += ["", f"## Learning curve ({curve['cell']}, validation users)", ""]
+        lines += ["| step | valid NDCG@10 | valid loss |", "|---|---|---|"]
+        for pt in curve["points"]:
+            loss = pt["valid_total"]
+            lines.append(f"| {pt['step']} | {pt['valid_ndcg@10']:.4f} | {'n/a' if loss is None else f'{loss:.4f}'} |")
+    wall = data["wall_s"]
+    cells_s = sum(v for v in wall["cells_s"].values() if v)
+    lines += [
+        "",
+        f"Wall time: cells {cells_s:,.0f} s in all; final evaluation stage {wall['final_stage_s'] or 0:,.0f} s.",
+        "",
+    ]
+    _charts(data, run)
+    lines += ["![quality](ablation_quality.png)", ""]
+    if curve["points"]:
+        lines += ["![curve](ablation_curve.png)", ""]
+    md = run / "ablation_report.md"
+    md.write_text("\n".join(lines))
+    return md, run / "ablation.json"
+
+
+def _charts(data: Mapping[str, Any], run: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(data["rankers"])
+    vals = [data["rankers"][n].get("ndcg@10") or 0 for n in names]
+    ci = [(data["rankers"][n].get("ci95") or {}).get("ndcg@10") or [v, v] for n, v in zip(names, vals)]
+    err = np.array([[max(0, v - c[0]) for v, c in zip(vals, ci)], [max(0, c[1] - v) for v, c in zip(vals, ci)]])
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
+    colors = {"baseline": "#999999", "teacher": "#1f77b4", "student": "#2ca02c"}
+    ax.bar(range(len(names)), vals, yerr=err, capsize=3, color=[colors[data["rankers"][n]["kind"]] for n in names])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_ylabel("NDCG@10 (95% bootstrap interval)")
+    ax.set_title("Every ranker on the same test users")
+    fig.tight_layout()
+    fig.savefig(run / "ablation_quality.png", dpi=120)
+    plt.close(fig)
+    points = data["curve"]["points"]
+    if points:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([p["step"] for p in points], [p["valid_ndcg@10"] for p in points], marker="o")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation NDCG@10")
+        ax.set_title(f"Learning curve: {data['curve']['cell']}")
+        fig.tight_layout()
+        fig.savefig(run / "ablation_curve.png", dpi=120)
+        plt.close(fig)

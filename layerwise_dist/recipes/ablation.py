@@ -1,0 +1,166 @@
+"""Recipe: the ablation, every layer selection x layer weighting distilled from one teacher, same budget.
+
+``layerwise-dist ablation`` runs, on every rank, in one process group and with one teacher per rank:
+
+1. with ``adapt.enabled`` and ``ablation.zero_shot_fisher``: the zero-shot teacher's Fisher profile
+   (``<out>/zero_shot/``), for the depth shares before adaptation;
+2. with ``adapt.enabled``: the teacher's adaptation (``<out>/adapt/``), then the merged teacher in
+   full precision for everything below;
+3. the teacher's Fisher profile (``<out>/fisher_profile.json``), shared by every cell;
+4. the cells (``<out>/cells/<selection>+<weighting>/``, plus ``<first selection>+task_only``: the
+   student trained on the task loss alone, no distillation), each a nested run: the student built,
+   distilled for ``train.max_steps`` from the same teacher (loaded once, kept across cells), saved and
+   scored on the test users (per-example parquet); the first cell validates every
+   ``ablation.curve_every`` steps (its learning curve);
+5. the baselines, zero-shot and adapted teacher, and the first cell's student scored in this run
+   (``<out>/results.json``): quality on the same users and the student/teacher speed and memory ratios
+   measured in one process.
+
+Resumable at the granularity of a stage and a cell (``train.resume=true``, which ``layerwise-dist
+ablation`` sets): a finished cell (``cell.json``) is never recomputed, an interrupted one continues
+from its last checkpoint, a finished adaptation and Fisher profile are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..distributed import barrier, get_logger, is_main
+from .session import RunSession
+
+log = get_logger()
+
+CELL_DONE = "cell.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One student of the ablation: a layer selection and a layer-loss weighting (or the task loss alone)."""
+
+    selection: str
+    weighting: str
+    task_only: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.selection}+{'task_only' if self.task_only else self.weighting}"
+
+    def config(self, cfg: RunConfig, out: Path, curve_every: int = 0) -> RunConfig:
+        distill = dataclasses.replace(cfg.distill, layer_weighting=self.weighting)
+        if self.task_only:  # the task's CE alone: what the student learns without a teacher
+            distill = dataclasses.replace(distill, kd_weight=0.0, list_kd_weight=0.0, align_weight=0.0)
+        train = cfg.train if not curve_every else dataclasses.replace(cfg.train, eval_every=curve_every)
+        return dataclasses.replace(
+            cfg,
+            output_dir=str(out),
+            student=dataclasses.replace(cfg.student, selection=self.selection),
+            distill=distill,
+            train=train,
+        )
+
+
+def ablation_cells(cfg: RunConfig) -> list[Cell]:
+    """Every selection x weighting of ``cfg.ablation``, then the task-only student (first selection)."""
+    a = cfg.ablation
+    cells = [Cell(s, w) for s in a.selections for w in a.weightings]
+    if a.task_only:
+        cells.append(Cell(a.selections[0], "uniform", task_only=True))
+    return cells
+
+
+class AblationRecipe:
+    """``run()``: zero-shot Fisher, adaptation, Fisher, cells, final evaluation (see the module doc)."""
+
+    def __init__(self, session: RunSession) -> None:
+        self.session = session
+        self.cells = ablation_cells(session.cfg)
+        self.cell_results: dict[str, dict[str, Any]] = {}
+
+    def run(self) -> dict[str, Any]:
+        from .fisher import FisherRecipe
+        from .jobs import _adapt_teacher, _finish_with_eval
+
+        session, cfg = self.session, self.session.cfg
+        if cfg.adapt.enabled and cfg.ablation.zero_shot_fisher:
+            self._zero_shot_fisher()
+        if cfg.adapt.enabled:
+            session.teacher.release()  # the adaptation engine needs the room
+            if not _adapt_teacher(session):
+                return session.finish()  # stopped early (train.stop_at_step); resume continues it
+        with session.meter.stage("fisher"):
+            recipe = FisherRecipe(session).setup()
+            recipe.run()
+            profile = recipe.save()
+        for i, cell in enumerate(self.cells):
+            self.cell_results[cell.name] = self._cell(cell, profile, curve=(i == 0))
+        session.teacher.release()
+        session.results["cells"] = {
+            name: {"folder": str(self._cell_dir(name)), "student": r.get("student")}
+            for name, r in self.cell_results.items()
+        }
+        first = self._cell_dir(self.cells[0].name) / "student"
+        results = _finish_with_eval(session, first)
+        if is_main():
+            from ..ablation_report import write_ablation_report
+
+            md, js = write_ablation_report(session.out)
+            for path in (md, js, session.out / "ablation_quality.png", session.out / "ablation_curve.png"):
+                if path.is_file():
+                    session.tracker.log_artifact(path)
+            log.info("ablation report: %s", md)
+        barrier()
+        return results
+
+    # ---------------------------------------------------------------- stages
+    def _cell_dir(self, name: str) -> Path:
+        return self.session.out / "cells" / name
+
+    def _zero_shot_fisher(self) -> None:
+        from .fisher import FisherRecipe
+
+        session = self.session
+        out = session.out / "zero_shot"
+        if (out / "fisher_profile.json").is_file() and (out / "results.json").is_file():
+            log.info("ablation: zero-shot Fisher profile already in %s", out)
+            return
+        cfg = dataclasses.replace(session.cfg, output_dir=str(out))
+        with session.meter.stage("fisher_zero_shot"), session.child(out, cfg, f"{session.out.name}-zero-shot") as z:
+            recipe = FisherRecipe(z).setup()
+            recipe.run()
+            recipe.save()
+            z.finish()
+
+    def _cell(self, cell: Any, profile: Any, curve: bool) -> dict[str, Any]:
+        from .distill import DistillRecipe
+        from .evaluate import EvaluateRecipe
+
+        session = self.session
+        out = self._cell_dir(cell.name)
+        done = out / CELL_DONE
+        if done.is_file():
+            log.info("ablation: cell %s already finished (%s)", cell.name, out)
+            return json.loads((out / "results.json").read_text())
+        cfg = cell.config(session.cfg, out, session.cfg.ablation.curve_every if curve else 0)
+        t0 = time.perf_counter()
+        log.info("ablation: cell %s (%d of %d)", cell.name, self.cells.index(cell) + 1, len(self.cells))
+        with session.meter.stage(f"cell:{cell.name}"), session.child(out, cfg, f"{session.out.name}-{cell.name}") as c:
+            c.results["cell"] = {**dataclasses.asdict(cell), "name": cell.name}
+            with c.meter.stage("distill"):
+                recipe = DistillRecipe(c, profile).setup().train()
+                student_dir = recipe.save()
+                recipe.release(keep_teacher=True)
+            with c.meter.stage("evaluate"):
+                evaluation = EvaluateRecipe(c, student_dir, with_teacher=False).setup()
+                evaluation.run()
+                evaluation.save()
+            results = c.finish()
+        if is_main():
+            done.write_text(json.dumps({"cell": cell.name, "wall_s": time.perf_counter() - t0}, indent=2))
+        barrier()
+        return results
