@@ -234,3 +234,14 @@ def test_eval_config_fields_and_one_line_errors():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config("tiny", [override])
+
+
+def test_compare_command_bad_input_is_one_line(tmp_path: Path, capsys):
+    from layerwise_dist.cli import main
+
+    assert main(["compare", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no such per-example file" in err and err.count("\n") == 1
+    (tmp_path / "x.parquet").write_text("not parquet")
+    assert main(["compare", str(tmp_path / "x.parquet"), str(tmp_path / "x.parquet")]) == 2
+    assert "not a parquet file" in capsys.readouterr().err

@@ -4,6 +4,8 @@ File format ``llmrank`` (the only one so far): one user per line,
 ``user_id<TAB>item item item ...`` (space-separated item ids, no header), as in
 RUCAIBox/LLMRank's ``dataset/<name>/<name>.<retriever>`` files. Ids are the ids of
 the loaded data (``data.source=llmrank`` reads the matching ``.item``/``.test.inter``).
+The published ``Games-6k.random`` lines hold 100 items and, on the lines checked (the
+first 29), never the user's test item: the LLMRank rule below appends it.
 
 Two rules turn a line into the candidates of one example (``num_candidates`` = N):
 
