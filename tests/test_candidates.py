@@ -245,3 +245,16 @@ def test_compare_command_bad_input_is_one_line(tmp_path: Path, capsys):
     (tmp_path / "x.parquet").write_text("not parquet")
     assert main(["compare", str(tmp_path / "x.parquet"), str(tmp_path / "x.parquet")]) == 2
     assert "not a parquet file" in capsys.readouterr().err
+
+
+def test_rendered_text_pointwise_shows_each_exact_continuation(beauty):
+    from layerwise_dist.data.prompts import render_pointwise, rendered_text
+
+    (ex,) = build_examples(
+        beauty, "test", DataConfig(num_candidates=4, formulation="pointwise"), users=beauty.users[:1]
+    )
+    text = rendered_text(ex, None, "pointwise")
+    prefix, continuations, _ = render_pointwise(ex)
+    assert text.startswith(prefix + "\n")
+    for n, c in enumerate(continuations):
+        assert repr(c) in text and (f"candidate {n} (target)" in text) == (n == ex.target_index)

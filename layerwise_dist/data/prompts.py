@@ -87,13 +87,13 @@ def rendered_text(example: RankExample, tokenizer: Any, formulation: str = "list
 
     listwise: the prompt (system prompt and chat template included) followed by the answer
     letter that training supervises; scoring reads the logits just before that letter.
-    pointwise: the history prefix, then each candidate's continuation on its own block
-    (each is scored after the same prefix). ``settings``: ``system_prompt`` (listwise),
-    ``category_phrase`` (pointwise)."""
+    pointwise: the history prefix, then each candidate's continuation as a Python string
+    literal (leading space and newline visible), each scored right after the same prefix.
+    ``settings``: ``system_prompt`` (listwise), ``category_phrase`` (pointwise)."""
     if formulation == "pointwise":
         prefix, continuations, _ = render_pointwise(example, settings.get("category_phrase", ""))
         blocks = [
-            f"--- candidate {n}{' (target)' if n == example.target_index else ''}:{c}"
+            f"--- candidate {n}{' (target)' if n == example.target_index else ''}, continuing the text above: {c!r}\n"
             for n, c in enumerate(continuations)
         ]
         return prefix + "\n" + "".join(blocks)
