@@ -72,6 +72,16 @@ mlflow-ui: venv
 clean:
 	rm -rf results .pytest_cache
 
+# The real-data experiment (issue 11): `layerwise-dist ablation --preset experiment` on Video_Games
+# (../shared/data), resumable cell by cell (run the same command again after an interruption), then the
+# README's results section regenerated from its report. experiment-quick: the same on a reduced budget.
+EXPERIMENT_DATA ?= ../shared/data/amazon2018_video_games_llmrank
+.PHONY: experiment experiment-quick
+experiment experiment-quick: venv
+	@test -d "$(EXPERIMENT_DATA)" || { echo "$@: $(EXPERIMENT_DATA) not found (LLMRank Video_Games folder; set EXPERIMENT_DATA=...)"; exit 2; }
+	$(BIN)/layerwise-dist ablation --preset $@ --nproc 2 data.reviews=$(abspath $(EXPERIMENT_DATA))
+	$(if $(filter experiment,$@),$(BIN)/python scripts/readme_results.py results/experiment/ablation_report.md README.md)
+
 # The GPU check (issue 16): scripts/gpu_check.py, one JSON + log in results/gpu_check/ (within 8 minutes on
 # one H200). Installs what the GPU machine lacks from gpu_wheels/ (built by scripts/gpu_wheels.sh; carried,
 # never committed). `make gpu-check DEVICE=cpu` is the tiny-shape dry run (part of no test suite). No venv

@@ -220,8 +220,19 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     if cfg:
         n_teacher = (top.get("fisher") or {}).get("scores")
         headline["measured"]["layers"] = f"{len(n_teacher) if n_teacher else '?'} -> {cfg['student']['num_layers']}"
+    transfer = {}
+    t = _load(run / "transfer" / "results.json")
+    if t:
+        transfer = {"cell": (t.get("transfer") or {}).get("cell"), "data": t.get("transfer"), "rankers": {}}
+        for name, res in [
+            *(t.get("baselines") or {}).items(),
+            *((k, t[k]) for k in ("teacher_zero_shot", "teacher", "student") if k in t),
+        ]:
+            transfer["rankers"][name] = {k: res.get(k) for k in (*METRICS, "n", "ci95")}
+        transfer["paired"] = {k: v.get("ndcg@10") for k, v in (t.get("paired") or {}).items()}
     return {
         "run": str(run),
+        "transfer": transfer,
         "setup": {
             "data": {k: cfg.get("data", {}).get(k) for k in ("source", "reviews", "category", "num_candidates", "seed")}
             if cfg
@@ -348,6 +359,20 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
         for pt in curve["points"]:
             loss = pt["valid_total"]
             lines.append(f"| {pt['step']} | {pt['valid_ndcg@10']:.4f} | {'n/a' if loss is None else f'{loss:.4f}'} |")
+    tr = data.get("transfer") or {}
+    if tr:
+        d = tr.get("data") or {}
+        lines += ["", f"## Transfer check: {d.get('source')} {d.get('category') or ''} (best cell {tr['cell']})", ""]
+        lines += ["| ranker | NDCG@10 | HR@10 | MRR | users |", "|---|---|---|---|---|"]
+        for name, r in tr["rankers"].items():
+            ci = r.get("ci95") or {}
+            lines.append(
+                f"| {name} | {_fmt_ci(r.get('ndcg@10'), ci.get('ndcg@10'))} | {_fmt_ci(r.get('hr@10'), ci.get('hr@10'))}"
+                f" | {_fmt_ci(r.get('mrr'), ci.get('mrr'))} | {r.get('n')} |"
+            )
+        for pair, d in tr.get("paired", {}).items():
+            if d and pair.startswith("student - "):
+                lines.append(f"\n- {pair} (NDCG@10, paired): {_diff_cell(d)}")
     wall = data["wall_s"]
     cells_s = sum(v for v in wall["cells_s"].values() if v)
     lines += [

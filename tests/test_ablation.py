@@ -47,7 +47,7 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     run = results_dir / "abl"
     args = ["ablation", "--preset", "tiny", "--nproc", "2", "ablation.selections=[uniform]"]
     args += ["ablation.weightings=[uniform]", "train.max_steps=2", "ablation.curve_every=1", "tracking.enabled=true"]
-    args += [f"output_dir={run}"]
+    args += ["ablation.transfer_source=embedded", f"output_dir={run}"]
     _ok(run_cli(args))
     cells = ["uniform+uniform", "uniform+task_only"]
     for name in cells:
@@ -73,6 +73,9 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     )
     assert any(p["question"].startswith("value of distillation") for p in data["paired"])
     assert [p["step"] for p in data["curve"]["points"]] == [1, 2]
+    transfer = json.loads((run / "transfer" / "results.json").read_text())
+    assert transfer["transfer"]["cell"] == "uniform+uniform" and transfer["student"]["n"] == 16  # the best distilled
+    assert "teacher" in transfer and "## Transfer check: embedded" in report
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("layerwise_dist").experiment_id])

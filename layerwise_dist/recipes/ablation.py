@@ -12,7 +12,9 @@
    distilled for ``train.max_steps`` from the same teacher (loaded once, kept across cells), saved and
    scored on the test users (per-example parquet); the first cell validates every
    ``ablation.curve_every`` steps (its learning curve);
-5. the baselines, zero-shot and adapted teacher, and the first cell's student scored in this run
+5. with ``ablation.transfer_source``: the (adapted) teacher and the best cell's student on that data
+   set's test users (``<out>/transfer/``), a transfer check;
+6. the baselines, zero-shot and adapted teacher, and the first cell's student scored in this run
    (``<out>/results.json``): quality on the same users and the student/teacher speed and memory ratios
    measured in one process.
 
@@ -104,6 +106,8 @@ class AblationRecipe:
             name: {"folder": str(self._cell_dir(name)), "student": r.get("student")}
             for name, r in self.cell_results.items()
         }
+        if cfg.ablation.transfer_source:
+            self._transfer()
         first = self._cell_dir(self.cells[0].name) / "student"
         results = _finish_with_eval(session, first)
         if is_main():
@@ -116,6 +120,39 @@ class AblationRecipe:
             log.info("ablation report: %s", md)
         barrier()
         return results
+
+    def best_cell(self) -> str:
+        """The distilled cell with the highest test NDCG@10 (the task-only student is a baseline, not a candidate)."""
+        scored = {
+            n: (r.get("student") or {}).get("ndcg@10", -1.0)
+            for n, r in self.cell_results.items()
+            if not (r.get("cell") or {}).get("task_only")
+        }
+        return max(scored, key=lambda n: scored[n])
+
+    def _transfer(self) -> None:
+        """The (adapted) teacher and the best cell's student on another data set's test users (``<out>/transfer``)."""
+        from .evaluate import EvaluateRecipe
+
+        session, a = self.session, self.session.cfg.ablation
+        out = session.out / "transfer"
+        if (out / "results.json").is_file():
+            log.info("ablation: transfer check already in %s", out)
+            return
+        changes = {"source": a.transfer_source, "category_phrase": ""}  # the phrase follows the new category
+        if a.transfer_reviews:
+            changes["reviews"] = a.transfer_reviews
+        if a.transfer_category:
+            changes["category"] = a.transfer_category
+        data = dataclasses.replace(session.cfg.data, **changes)
+        cfg = dataclasses.replace(session.cfg, data=data, output_dir=str(out))
+        best = self.best_cell()
+        with session.meter.stage("transfer"), session.child(out, cfg, f"{session.out.name}-transfer") as t:
+            t.results["transfer"] = {"cell": best, "source": data.source, "category": data.category}
+            recipe = EvaluateRecipe(t, self._cell_dir(best) / "student", with_teacher=True).setup()
+            recipe.run()
+            recipe.save()
+            t.finish()
 
     # ---------------------------------------------------------------- stages
     def _cell_dir(self, name: str) -> Path:

@@ -246,7 +246,13 @@ class RunSession:
         same_data = cfg.data == self.cfg.data and cfg.eval == self.cfg.eval
         c._datasets = self._datasets if same_data else {}
         c._rank_examples = self._rank_examples if same_data else {}
-        c.base_teacher, c.tokenizer, c.splits = self.base_teacher, self.tokenizer, self.splits
+        c.base_teacher, c.tokenizer = self.base_teacher, self.tokenizer
+        if cfg.data == self.cfg.data:
+            c.splits = self.splits
+        else:  # another data set (a transfer check): its own splits
+            from ..data import load_splits
+
+            c.splits = load_splits(cfg.data, progress=is_main())
         c.ds_config = resolve_ds_config(cfg.ds_config, cfg, "train")
         c._t0 = time.perf_counter()
         from ..stages import StageMeter
