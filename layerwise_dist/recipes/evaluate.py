@@ -84,6 +84,13 @@ class EvaluateRecipe:
         if n and n < len(examples):  # the same seeded sample rule as RunSession.rank_examples
             keep = sorted(random.Random(cfg.data.seed).sample(range(len(examples)), n))
             examples = [examples[i] for i in keep]
+            log.info(
+                "%s: scoring a seeded sample of %d of its %d lines (eval.max_examples=%d; 0 scores every line)",
+                cfg.eval.candidates,
+                n,
+                lines,
+                n,
+            )
         self.results["candidate_file"] = {
             "path": str(cfg.eval.candidates),
             "format": cfg.eval.candidates_format,
