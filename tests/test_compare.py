@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 
 import pytest
 
@@ -137,3 +138,15 @@ def test_a_run_folder_stands_for_its_zero_shot_adapted_and_student_models(tmp_pa
     ]  # no student/config.json: no student row
     (run / "student" / "config.json").write_text("{}")
     assert [s.label for s in cmp.parse_models([f"mine={run}"])] == ["mine/zero-shot", "mine/adapted", "mine/student"]
+
+
+def test_cli_overrides_after_other_options(tmp_path, capsys):
+    """key=value items reach the config wherever they stand after --models (here after --out)."""
+    from layerwise_dist.cli import main
+
+    out = tmp_path / "t"
+    argv = ["compare", "--preset", "tiny", "--models", "tiny", "--no-fisher", "--latency-examples", "1"]
+    assert main([*argv, "--out", str(out), "eval.max_examples=3", "tracking.enabled=false", "data.seed=7"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["models"][0]["examples"] == 3 and "data.seed=7" in result["setup"]
+    assert "| tiny | LlamaForCausalLM | 4 |" in capsys.readouterr().out
