@@ -652,10 +652,12 @@ def test_pointwise_list_loss_equals_its_definition_on_separate_sequences(pointwi
     assert total.item() == pytest.approx((title + 0.6 * listwise).item(), rel=1e-4)
 
 
-def test_pointwise_list_loss_gradients_and_errors(pointwise_models):
+def test_pointwise_list_loss_gradients_and_errors():
     from layerwise_dist.losses import LossInputError, PointwiseListLoss, packed_forward
+    from layerwise_dist.models.tiny import tiny_llama
 
-    teacher, _, _ = pointwise_models
+    teacher = tiny_llama(vocab_size=PV, num_layers=2, seed=5)  # its own: the shared fixture is frozen by others
+    teacher.config._attn_implementation = "sdpa"
     batch, *_ = _packed_batch("mean")
     total, _ = PointwiseListLoss(1.0)(packed_forward(teacher, batch["packed"]).logits, batch["packed"],
                                       batch["target_index"])  # fmt: skip
