@@ -10,6 +10,7 @@ run on the ranks that launcher made.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -75,7 +76,9 @@ def launch(command: str, args: argparse.Namespace) -> int:
         cfg = resolve(args)
         ds_config_path(cfg.ds_config)
         resolve_model_dir(cfg.teacher)  # a wrong teacher path is one line before any rank or file
-        if command in ("distill", "pipeline"):
+        if command == "ablation" and not cfg.train.resume:  # finished cells and stages are reused, never redone
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
+        if command in ("distill", "pipeline", "ablation"):
             check_student_choice(cfg)  # before any rank starts and before the Fisher pass
             check_memory(cfg, nproc)  # the planner: stop now when the placement cannot fit
     except KNOWN_ERRORS as e:  # ConfigError included
@@ -252,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"layerwise_dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    keys = {"epilog": _keys_epilog(), "formatter_class": argparse.RawDescriptionHelpFormatter}
     for name in JOBS:
-        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name])
+        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], **keys)
         add_run_arguments(p)
         p.add_argument(
             "--nproc", type=int, default=None, help="ranks to start, 1..devices (default: CUDA devices, or 2 on CPU)"
@@ -264,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             help="allow --nproc above the CUDA devices / CPU cores of this machine",
         )
         p.add_argument("--master_port", type=int, default=0, help="rendezvous port (default: a free one)")
+        if name == "evaluate":
+            _add_evaluate_arguments(p)
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     from .data import add_prepare_arguments
@@ -274,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         description="reviews + metadata -> splits",
     )
     add_prepare_arguments(prep)
-    show = sub.add_parser("config", help="print the resolved configuration (YAML) or every key with its help")
+    _add_show_prompt_parser(data_sub)
+    show = sub.add_parser("config", help="print the resolved configuration (YAML) or every key with its help", **keys)
     show.add_argument("--preset", default="default")
     show.add_argument("--keys", action="store_true", help="list every key with its default and help")
     show.add_argument("overrides", nargs="*", metavar="key=value")
@@ -301,17 +308,35 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("buffer", help="the buffer file, e.g. results/demo/tracking_buffer.jsonl")
     rep.add_argument("--tracking-uri", default=None, help="target store (default: the one the run was using)")
     rep.add_argument("--end-status", default="FAILED", help="status of a run whose buffer has no end record")
-    rec = sub.add_parser("recommend", help="top-k items for a user from a saved model")
+    rec = sub.add_parser(
+        "recommend",
+        help="top-k items for a user from a saved model",
+        description="Retrieval (co-occurrence + popularity, serve.*) proposes candidates; the model re-ranks them.",
+        **keys,
+    )
     rec.add_argument("--model", required=True, help="model folder (e.g. results/demo/student) or embedded:smollm2")
     rec.add_argument("--user", required=True, help="user_id")
-    rec.add_argument("--category", default="All_Beauty")
-    rec.add_argument("--top-k", type=int, default=3)
+    rec.add_argument("--category", default="All_Beauty", help="category of the user (default: All_Beauty)")
+    rec.add_argument("--top-k", type=int, default=3, help="number of items (default: 3)")
+    rec.add_argument(
+        "--history",
+        default=None,
+        help="comma-separated item ids the user interacted with, oldest first, for a user the data does not "
+        "know ('' = a cold user: popular items re-ranked); default: the data's record of --user",
+    )
     rec.add_argument("--preset", default="default", help="preset whose data.* section says where the data is")
     rec.add_argument("overrides", nargs="*", metavar="key=value")
 
     _add_plan_parser(sub)
+    _add_compare_parser(sub)
 
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "data" and args.data_command == "show-prompt":
+        return _show_prompt(args)
+    if args.command == "evaluate":
+        args.overrides = [*args.overrides, *_evaluate_overrides(args)]
     if args.command == "plan":
         return _plan(args)
     if args.command in JOBS:
@@ -342,6 +367,166 @@ def main(argv: list[str] | None = None) -> int:
         return _tracking_replay(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``evaluate`` that are shorthands of config keys (they travel to the ranks in config.yaml)."""
+    p.add_argument("--candidates", default=None, help="fixed candidate file (user<TAB>item ids): eval.candidates")
+    p.add_argument("--candidates-format", default=None, help="format of --candidates: llmrank (eval.candidates_format)")
+    p.add_argument("--num-candidates", type=int, default=None, help="candidates per example (data.num_candidates)")
+    p.add_argument(
+        "--include-target",
+        action="store_true",
+        help="the lists already hold the target: first N as given, unshuffled (eval.include_target=true)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=None,
+        choices=["random", "popularity"],
+        help="score only this baseline (repeatable), no model: eval.baselines=[...] eval.models=false",
+    )
+    p.add_argument("--permutations", type=int, default=None, help="candidate orders per example (eval.permutations)")
+
+
+def _evaluate_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.candidates is not None:
+        out.append(f"eval.candidates={args.candidates}")
+    if args.candidates_format is not None:
+        out.append(f"eval.candidates_format={args.candidates_format}")
+    if args.num_candidates is not None:
+        out.append(f"data.num_candidates={args.num_candidates}")
+    if args.include_target:
+        out.append("eval.include_target=true")
+    if args.baseline:
+        out += [f"eval.baselines=[{','.join(dict.fromkeys(args.baseline))}]", "eval.models=false"]
+    if args.permutations is not None:
+        out.append(f"eval.permutations={args.permutations}")
+    return out
+
+
+def _add_show_prompt_parser(data_sub: argparse._SubParsersAction) -> None:
+    sp = data_sub.add_parser(
+        "show-prompt",
+        help="print the exact text a model reads for one user (system prompt and chat template included)",
+        description="Render one user's example exactly as evaluation tokenizes it: stdout is the text, stderr the facts.",
+    )
+    sp.add_argument("--user", required=True, help="user_id")
+    sp.add_argument("--preset", default="default", help="preset name or YAML (data.*, teacher.* for the tokenizer)")
+    sp.add_argument("--split", default=None, choices=["test", "valid"], help="default: eval.split")
+    sp.add_argument("--candidates", default=None, help="a fixed candidate file (eval.candidates)")
+    sp.add_argument("--include-target", action="store_true", help="eval.include_target=true")
+    sp.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _show_prompt(args: argparse.Namespace) -> int:
+    def action() -> None:
+        from .config import load_config
+        from .data import load_splits
+        from .data.candidates import example_for_user
+        from .data.prompts import rendered_text
+        from .models.teacher import load_tokenizer
+
+        overrides = list(args.overrides)
+        if args.candidates:
+            overrides.append(f"eval.candidates={args.candidates}")
+        if args.include_target:
+            overrides.append("eval.include_target=true")
+        cfg = load_config(args.preset, overrides)
+        tokenizer = load_tokenizer(cfg.teacher)
+        example = example_for_user(load_splits(cfg.data), cfg, args.user, args.split or cfg.eval.split, tokenizer)
+        d = cfg.data
+        text = rendered_text(
+            example, tokenizer, d.formulation, system_prompt=d.system_prompt, category_phrase=d.category_phrase
+        )
+        print(
+            f"# user {example.user_id}, {example.split}: target {example.target} at index {example.target_index} of "
+            f"{len(example.candidates)} candidates; formulation {d.formulation}; tokenizer {cfg.teacher.model}; "
+            f"data.system_prompt={d.system_prompt!r}",
+            file=sys.stderr,
+        )
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+    return _one_line_errors(action)
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    cp = sub.add_parser(
+        "compare",
+        help="models side by side on the same users (--models A B ...: quality with 95%% CIs, latency, memory, "
+        "Fisher profile -> table), or the paired difference A - B of two per-example files",
+        description="--models A B ... [key=value ...]: every model (registry name, tiny:<arch>, HF folder, .gguf; "
+        "LABEL=SPEC names a row) scored on the same users, candidates and seed -> compare.md/.csv/.png/.json in "
+        "--out (and MLflow with tracking.enabled=true); key=value items among --models are config overrides. "
+        "A B (two per_example/*.parquet files): paired bootstrap over the examples both files score.",
+    )
+    cp.add_argument(
+        "a", nargs="?", help="per-example parquet of ranker A, e.g. results/run/per_example/student.parquet"
+    )
+    cp.add_argument("b", nargs="?", help="per-example parquet of ranker B")
+    cp.add_argument("rest", nargs="*", help=argparse.SUPPRESS)  # --models: key=value given after other options
+    cp.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="models to compare (and key=value)")
+    cp.add_argument("--preset", default="default", help="--models: preset for data.*, eval.*, fisher.*, teacher.*")
+    cp.add_argument("--out", default="results/compare", help="--models: folder of the table files")
+    cp.add_argument("--split", default=None, help="--models: test or valid (default: eval.split)")
+    cp.add_argument("--latency-examples", type=int, default=8, help="--models: users timed one per request")
+    cp.add_argument("--no-fisher", action="store_true", help="--models: skip the Fisher profiles")
+    cp.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10, 20], help="cut-offs K (default 1 5 10 20)")
+    cp.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    cp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    cp.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import compare_per_example
+
+    if args.models:
+        args.models = [*args.models, *(x for x in (args.a, args.b) if x), *args.rest]
+        return _compare_models(args)
+    if not (args.a and args.b) or args.rest:
+        print("error: compare needs --models A B ... or exactly two per-example files A B", file=sys.stderr)
+        return 2
+
+    def action() -> None:
+        out = compare_per_example(args.a, args.b, args.ks, n_boot=args.n_boot, seed=args.seed)
+        print(f"A = {out['a']}\nB = {out['b']}\n{out['n']} paired examples, 95% paired bootstrap intervals")
+        print(f"{'metric':<9} {'A':>8} {'B':>8} {'A - B':>8}  95% CI")
+        for name, m in out["metrics"].items():
+            lo, hi = m["ci95"]
+            print(f"{name:<9} {m['a']:8.4f} {m['b']:8.4f} {m['difference']:+8.4f}  [{lo:+.4f}, {hi:+.4f}]")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
+    try:
+        return _one_line_errors(action)
+    except ValueError as e:
+        from .errors import one_line
+
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _compare_models(args: argparse.Namespace) -> int:
+    from .compare import run_compare, split_models_and_overrides
+    from .config import load_config
+
+    def action() -> None:
+        models, overrides = split_models_and_overrides(args.models)
+        cfg = load_config(args.preset, overrides)
+        result = run_compare(models, cfg, args.out, args.split, args.latency_examples, not args.no_fisher)
+        print(result["setup"] + "\n\n" + result["table"] + "\nfiles: " + ", ".join(result["files"]))
+
+    return _one_line_errors(action)
+
+
+def _keys_epilog() -> str:
+    """Every config key with its default and help line, for the --help of commands taking key=value."""
+    from .config import help_text
+
+    return "config keys (key=value; default shown after '='):\n" + help_text()
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -435,6 +620,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _recommend(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     from .config import load_config
     from .errors import KNOWN_ERRORS, one_line
     from .recommender import BaseRecommender
@@ -443,9 +630,29 @@ def _recommend(args: argparse.Namespace) -> int:
         cfg = load_config(args.preset, args.overrides)
         from .data import load_splits
 
-        rec = BaseRecommender(model_name=args.model, data=load_splits(cfg.data), data_config=cfg.data)
-        for i, item in enumerate(rec.recommend(user_id=args.user, category=args.category, top_k=args.top_k), 1):
-            print(f"{i}. {item['item_id']}  {item['score']:.4f}  {item['title']}")
+        rec = BaseRecommender(
+            model_name=args.model, data=load_splits(cfg.data), data_config=cfg.data, serve_config=cfg.serve
+        )
+        history = None if args.history is None else [i.strip() for i in args.history.split(",") if i.strip()]
+        items = rec.recommend(user_id=args.user, category=args.category, top_k=args.top_k, history=history)
+        _, candidates = rec.candidates(args.user, args.category, at_least=args.top_k, history=history)
+        sources = Counter(c.source for c in candidates)
+        d = rec.data_config
+        print(f"# model: {args.model}  user: {args.user}  category: {args.category}  formulation: {d.formulation}")
+        if cfg.serve.num_candidates == 0:
+            print(
+                f"# candidates: every untouched item ({len(candidates)}; serve.num_candidates=0), scored by the model"
+            )
+        else:
+            print(
+                f"# candidates: {len(candidates)} retrieved ({sources['co-occurrence']} by co-occurrence with the "
+                f"user's last {cfg.serve.seed_items} items in the training interactions, {sources['popularity']} "
+                "by popularity), re-ranked by the model in one batched pass"
+            )
+        print(f"# score: {rec.score_meaning}")
+        print("# rank. item_id  score  source  title")
+        for i, item in enumerate(items, 1):
+            print(f"{i}. {item['item_id']}  {item['score']:.4f}  {item['source']}  {item['title']}")
     except KNOWN_ERRORS + (KeyError, ValueError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ EvalSplit = Literal["test", "valid"]
 ServeQuantization = Literal["teacher", "none", "nf4", "int8"]
 Formulation = Literal["listwise", "pointwise"]
 PointwiseScore = Literal["mean", "sum", "pmi"]
+CandidatesFormat = Literal["llmrank"]
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,11 @@ class DataConfig:
     max_eval_examples: int = _f(0, "use at most this many validation/test examples (0 = all)")
     seed: int = _f(1234, "seed of negative sampling and candidate shuffling (identical on every rank)")
     cache_dir: str = _f("", "Hugging Face datasets cache for tokenized examples (default: ~/.cache/layerwise_dist)")
+    system_prompt: str = _f(
+        "",
+        "listwise with a chat template: the system message ('' = none given, so the template's own default "
+        "applies; SmolLM2's is 'You are a helpful AI assistant named SmolLM, trained by Hugging Face')",
+    )
 
     #: The fields that decide the text a model sees: a saved student records them, every entry point reuses them.
     PROMPT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
@@ -124,6 +130,7 @@ class DataConfig:
         "title_max_tokens",
         "num_candidates",
         "max_length",
+        "system_prompt",
     )
 
     def prompt_settings(self) -> dict[str, Any]:
@@ -156,7 +163,9 @@ class TeacherConfig:
     """The frozen teacher LLM and how it is placed on the workers."""
 
     model: str = _f(
-        "embedded:smollm2", "embedded:smollm2, tiny (random 4-layer Llama), a HF model folder, a .gguf file or a hub id"
+        "embedded:smollm2",
+        "a registry name (smollm2-135m = embedded:smollm2, gemma3-270m), tiny or tiny:<llama|gemma3|qwen2|qwen3> "
+        "(random model), a HF model folder, a .gguf file or a hub id in the local cache",
     )
     gguf_file: str = _f("", "GGUF file name inside the model folder, when the folder holds one")
     quantization: Quantization = _f("nf4", "nf4 (bitsandbytes 4-bit, double quantization), int8 or none")
@@ -345,7 +354,7 @@ class TrainConfig:
 class EvalConfig:
     """Ranking quality and cost of teacher and student."""
 
-    ks: list[int] = _f([1, 5, 10], "cut-offs K of HR@K and NDCG@K")
+    ks: list[int] = _f([1, 5, 10, 20], "cut-offs K of HR@K and NDCG@K (any list)")
     batch_size: int = _f(4, "examples per forward during evaluation")
     max_examples: int = _f(64, "test examples scored (0 = the whole test split)")
     latency_batches: int = _f(4, "batches timed for latency and throughput")
@@ -354,14 +363,86 @@ class EvalConfig:
         "teacher",
         "precision the student is served and measured in: teacher (same as teacher.quantization), none, nf4 or int8",
     )
+    candidates: str = _f(
+        "", "score on a fixed candidate file (user<TAB>item ids, LLMRank format) instead of sampled candidates"
+    )
+    candidates_format: CandidatesFormat = _f("llmrank", "format of eval.candidates: llmrank")
+    include_target: bool = _f(
+        False,
+        "eval.candidates lists already hold the target: the first data.num_candidates as given, unshuffled "
+        "(false: LLMRank's rule, drop the target, keep the first N-1, append it, shuffle with a recorded seed)",
+    )
+    permutations: int = _f(
+        1, "score each example under P seeded candidate orders and sum each candidate's scores (LLMRank bootstrapping)"
+    )
+    models: bool = _f(True, "score the teacher and student (false: baselines only, no model is loaded)")
+    baselines: list[str] = _f(["random", "popularity"], "reference rankers scored on the same candidates")
 
     def __post_init__(self) -> None:
         _check_choices("eval", self)
         _positive("eval", "batch_size", self.batch_size)
         _positive("eval", "max_examples", self.max_examples, allow_zero=True)
         _positive("eval", "latency_batches", self.latency_batches)
+        _positive("eval", "permutations", self.permutations)
+        unknown = [b for b in self.baselines if b not in ("random", "popularity")]
+        if unknown:
+            raise ConfigError(f"eval.baselines must be some of random, popularity; got {unknown!r}")
         if not self.ks or not all(isinstance(k, int) and k > 0 for k in self.ks):
             raise ConfigError(f"eval.ks must be a non-empty list of positive integers; got {self.ks!r}")
+
+
+@dataclass
+class ServeConfig:
+    """Serving (recommend): a retrieval stage proposes candidates, the LLM re-ranks them in one batched pass."""
+
+    num_candidates: int = _f(
+        50, "items retrieval proposes per user for the LLM to re-rank (0 = score every untouched item)"
+    )
+    cooccurrence_window: int = _f(
+        5, "retrieval: items at most this many positions apart in a training sequence co-occur"
+    )
+    backward_weight: float = _f(
+        0.0, "retrieval: weight of an item that came before a history item, relative to one that followed it"
+    )
+    seed_items: int = _f(10, "retrieval: the most recent history items whose co-occurring items are proposed")
+    recency_decay: float = _f(0.5, "retrieval: weight decay^r of the r-th most recent seed item, in (0, 1]")
+
+    def __post_init__(self) -> None:
+        _positive("serve", "num_candidates", self.num_candidates, allow_zero=True)
+        _positive("serve", "cooccurrence_window", self.cooccurrence_window)
+        _positive("serve", "seed_items", self.seed_items)
+        _positive("serve", "backward_weight", self.backward_weight, allow_zero=True)
+        if not 0.0 < self.recency_decay <= 1.0:
+            raise ConfigError(f"serve.recency_decay must be in (0, 1]; got {self.recency_decay}")
+
+
+@dataclass
+class AblationConfig:
+    """``layerwise-dist ablation``: students for every layer selection x layer weighting, one teacher, same budget."""
+
+    selections: list[str] = _f(
+        ["fisher-topk", "uniform", "first"], "layer selections of the cells (first = the last layers dropped)"
+    )
+    weightings: list[str] = _f(["fisher", "linear", "uniform"], "layer-loss weightings of the cells")
+    task_only: bool = _f(True, "also a student of the first selection trained on the task loss alone (no KD)")
+    curve_every: int = _f(0, "the first cell validates every N steps: its learning curve (0 = only at the end)")
+    zero_shot_fisher: bool = _f(
+        True, "with adapt.enabled: also the Fisher profile of the zero-shot teacher (depth shares before adaptation)"
+    )
+    transfer_source: str = _f(
+        "", "transfer check: the (adapted) teacher and the best cell's student scored on this data.source too"
+    )
+    transfer_reviews: str = _f("", "transfer check: its data.reviews (empty = the source's default)")
+    transfer_category: str = _f("", "transfer check: its data.category (empty = the source's default)")
+
+    def __post_init__(self) -> None:
+        allowed = [s for s in typing.get_args(Selection) if s != "list"]
+        bad = [s for s in self.selections if s not in allowed]
+        if bad or not self.selections:
+            raise ConfigError(f"ablation.selections must be some of {', '.join(allowed)}; got {list(self.selections)}")
+        if not self.weightings:
+            raise ConfigError("ablation.weightings must name at least one weighting, e.g. [fisher, uniform]")
+        _positive("ablation", "curve_every", self.curve_every, allow_zero=True)
 
 
 @dataclass
@@ -408,6 +489,8 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

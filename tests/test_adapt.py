@@ -246,6 +246,7 @@ def test_adapt_launcher_qlora_zero3(qlora_run):
     assert torch.equal(merged_sd["model.norm.weight"], base.model.norm.weight)
 
 
+@pytest.mark.slow  # ~2-3 min; resume exactness of the loop is in make test through test_faults
 @pytest.mark.distributed
 @pytest.mark.integration
 def test_adapt_resume_equals_uninterrupted(qlora_run, tmp_path):

@@ -92,6 +92,7 @@ def test_choice_aliases_are_the_field_types():
         ("train", "precision"): "Precision",
         ("eval", "split"): "EvalSplit",
         ("eval", "student_quantization"): "ServeQuantization",
+        ("eval", "candidates_format"): "CandidatesFormat",
     }
     found = {(section, name) for section, _, name, _ in _literal_fields()}
     assert found == set(expected)
@@ -323,3 +324,40 @@ def test_ds_config_conflicts_and_bad_json(tmp_path):
     bad_stage.write_text(json.dumps({"zero_optimization": {"stage": 5}}))
     with pytest.raises(ConfigError, match="stage must be 0-3"):
         resolve_ds_config(bad_stage, cfg)
+
+
+def test_gpu_8b_preset_resolves_and_validates(capsys):
+    """NF4 ZeRO-3 teacher, bf16 student, flash_attention_2 with the listwise formulation (pointwise needs sdpa)."""
+    from layerwise_dist.cli import main
+
+    cfg = load_config("gpu-8b")
+    assert (cfg.teacher.quantization, cfg.teacher.placement) == ("nf4", "zero3")
+    assert cfg.train.precision == "bf16" and cfg.eval.student_quantization == "none"
+    assert cfg.data.formulation == "listwise" and cfg.model_attn_implementation() == "flash_attention_2"
+    import torch
+
+    if not torch.cuda.is_available():  # a GPU preset: bf16 is refused on CPU in one line
+        with pytest.raises(ConfigError, match="bf16 needs CUDA"):
+            resolve_ds_config(cfg.ds_config, cfg, world=8)
+    fp32 = load_config("gpu-8b", [] if torch.cuda.is_available() else ["train.precision=fp32"])
+    ds = resolve_ds_config(fp32.ds_config, fp32, world=8)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 2 * 4 * 8
+    with pytest.raises(ConfigError, match="flash_attention_2"):
+        load_config("gpu-8b", ["data.formulation=pointwise"])
+    pointwise = load_config("gpu-8b", ["data.formulation=pointwise", "teacher.attn_implementation=sdpa"])
+    assert pointwise.model_attn_implementation() == "sdpa"
+    assert main(["config", "--preset", "gpu-8b"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == cfg.to_dict()
+
+
+@pytest.mark.parametrize("command", ["adapt", "fisher", "distill", "evaluate", "pipeline", "config", "recommend"])
+def test_every_help_lists_every_key_with_its_default(command, capsys):
+    from layerwise_dist.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out.splitlines()
+    missing = [line for line in help_text().splitlines() if line not in text]
+    assert not missing, missing[:3]

@@ -75,6 +75,7 @@ def _history(run: Path) -> list[dict]:
     return json.loads((run / "train_history.json").read_text())
 
 
+@pytest.mark.slow  # ~2-4 min; make test checks exact resume through test_faults (a rank killed around saves)
 def test_resume_continues_exactly(tmp_path):
     """Stop after step 3, resume: every later loss equals the uninterrupted run's (2 ranks, CPU)."""
     common = [

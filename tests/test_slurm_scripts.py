@@ -154,6 +154,7 @@ def test_failing_job_fails_sbatch(slurm_cluster, tmp_path):  # noqa: F811
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.slow  # ~2 min; the single-node sbatch script runs in make test
 @pytest.mark.slurm
 @pytest.mark.distributed
 @pytest.mark.integration
