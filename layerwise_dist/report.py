@@ -223,6 +223,44 @@ def _fisher_lines(profile: Any, top_k: int = 5) -> list[str]:
     return lines + [""]
 
 
+def _position_bias_lines(results: Mapping[str, Any]) -> list[str]:
+    """Per model: where its top-1 candidate sits, and how much its score vectors follow a position profile."""
+    rows = []
+    for name in ("teacher_zero_shot", "teacher", "student"):
+        bias = (results.get(name) or {}).get("position_bias")
+        if not bias:
+            continue
+        shares = bias.get("top1_shares") or []
+        letters = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(shares))]
+        top = sorted(range(len(shares)), key=lambda i: -shares[i])[:3]
+        spread = ", ".join(f"{letters[i]} {shares[i]:.0%}" for i in top)
+        corr = bias.get("profile_correlation_mean")
+        rows.append(
+            (
+                name,
+                f"{bias.get('top1_modal_share', 0):.0%} at {letters[bias.get('top1_modal_position', 0)]}"
+                f" (chance {bias.get('top1_chance_share', 0):.0%})",
+                spread,
+                "n/a" if corr is None else f"{corr:+.2f}",
+            )
+        )
+    if not rows:
+        return []
+    lines = [
+        "## Position bias (top-1 candidate position; correlation of score vectors with the mean position profile)",
+        "",
+    ]
+    lines += _md_table(
+        ("model", "most common top-1 position", "top-1 positions (largest shares)", "profile correlation"), rows
+    )
+    return lines + [
+        "",
+        "_A correlation near 1 and one dominant position: the model scores by position, not by content; "
+        "`eval.permutations=P` sums scores over P seeded candidate orders._",
+        "",
+    ]
+
+
 def _stage_lines(memory: Mapping[str, Any]) -> list[str]:
     """The run's stages: wall seconds and peak resident set per rank (``results["memory"]``)."""
     stages = memory.get("stages") or {}
@@ -290,6 +328,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path,
     lines.append("")
     if profile is not None:
         lines += _fisher_lines(profile)
+    lines += _position_bias_lines(results)
     lines += _stage_lines(results.get("memory") or {})
     lines += [f"![comparison]({png_path.name})", ""]
     md_path.write_text("\n".join(lines))

@@ -211,6 +211,8 @@ def test_report_and_table(tmp_path):
     student |= {"cuda_peak_allocated_bytes": None}
     fisher = {"scores": [1.0, 1.0, 2.0, 4.0], "num_examples": 8, "model_id": "tiny"}
     memory = {"stages": {"fisher": {"wall_s": [3.2, 3.1], "peak_rss_mib": [812.4, None], "end_rss_mib": [700, 690]}}}
+    teacher["position_bias"] = {"top1_shares": [0.75, 0.25, 0.0], "top1_modal_position": 0, "top1_modal_share": 0.75}
+    teacher["position_bias"] |= {"top1_chance_share": 1 / 3, "profile_correlation_mean": 0.91}
     results = {"teacher": teacher, "student": student, "fisher": fisher, "memory": memory | {"note": "per rank"}}
     table = results_table(results)
     assert "HR@1" in table and "0.0% retained" in table and "4.00x faster" in table and "75.0% less" in table
@@ -221,6 +223,7 @@ def test_report_and_table(tmp_path):
     assert "top layers by Fisher score: [3, 2, 0, 1]" in text
     assert "teacher cuda_peak_allocated_bytes: not measured (model runs on cpu)" in text
     assert "| fisher | 3 s / 3 s | 812 MiB / n/a | 700 MiB / 690 MiB |" in text
+    assert "| teacher | 75% at A (chance 33%) | A 75%, B 25%, C 0% | +0.91 |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
