@@ -160,6 +160,31 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return TaskCrossEntropy()(logits, labels)
 
 
+def supervised_lm_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """:func:`causal_lm_loss` with the LM head applied only where a loss is taken.
+
+    The positions that predict a supervised token (``labels[:, p + 1] != -100``) are passed as
+    ``logits_to_keep`` (a [B, L] mask): a Hugging Face causal LM then returns logits [U, V] for
+    those U positions only, instead of [B, L, V] (a listwise prompt of ~700 tokens supervises one;
+    a pointwise one its target title's ~12). Equal to the full path, loss and gradients (tests).
+    Every rank runs the forward even without a supervised token (ZeRO-3 forwards are collective).
+    """
+    from torch.nn import functional as F
+
+    from .losses import IGNORE_INDEX
+
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+    )
+    targets = labels[:, 1:][keep[:, :-1]]
+    if targets.numel() == 0:
+        return out.logits.float().sum() * 0.0
+    return F.cross_entropy(out.logits.float(), targets)
+
+
 # ---------------------------------------------------------------- merge
 def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
     """Full parameters on every rank for the block (ZeRO-3); a no-op for plain parameters."""

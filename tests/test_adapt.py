@@ -135,6 +135,37 @@ def test_only_adapters_train_and_loss_is_masked_ce():
     torch.testing.assert_close(causal_lm_loss(logits, labels), want)
 
 
+def test_supervised_lm_loss_equals_the_full_path_loss_and_gradients():
+    """The LM head at the supervised positions only: same loss and adapter gradients as full logits (1e-6)."""
+    from layerwise_dist.adapt import supervised_lm_loss
+
+    cfg = _cfg("teacher.quantization=none", "adapt.lora_dropout=0.0")
+    model = _adapted(cfg).train()
+    ids = _ids()
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:7] = ids[0, 4:7]  # a title's tokens in one row, one answer token in the other
+    labels[1, 10] = ids[1, 10]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    grads = []
+    for fn in (
+        lambda: supervised_lm_loss(model, batch),
+        lambda: causal_lm_loss(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, labels),
+    ):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (fast, g_fast), (full, g_full) = grads
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+    assert fast.item() > 0
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in g_fast)
+    empty = {**batch, "labels": torch.full_like(ids, -100)}  # nothing supervised: zero, still differentiable
+    zero = supervised_lm_loss(model, empty)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="is a pointwise option"):
         check_adapt_config(_cfg("adapt.list_loss_weight=0.5", "data.formulation=listwise"))

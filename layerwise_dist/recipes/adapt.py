@@ -35,11 +35,11 @@ from ..adapt import (
     adapt_run_config,
     attach_lora,
     base_quantization,
-    causal_lm_loss,
     check_adapt_config,
     export_adapted,
     load_base,
     num_trainable,
+    supervised_lm_loss,
     trainable_parameters,
 )
 from ..checkpoint import CheckpointStore, TrainState
@@ -188,9 +188,8 @@ class AdaptRecipe:
 
     # ---------------------------------------------------------------- loop
     def _forward_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        if self.list_loss is None:
-            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            return causal_lm_loss(out.logits, batch["labels"])
+        if self.list_loss is None:  # the LM head only where a token is supervised
+            return supervised_lm_loss(self.engine, batch)
         # Pointwise with a list-level loss: one packed forward scores every candidate (shared prefix).
         packed = batch["packed"]
         if self.cfg.data.pointwise_score != "pmi":
