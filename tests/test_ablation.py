@@ -81,9 +81,9 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("layerwise_dist").experiment_id])
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parent) == 1 and len(children) == 2
+    assert len(parent) == 1 and len(children) == 3  # the two cells and the transfer check
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
-    assert {c.info.run_name for c in children} == {f"abl-{n}" for n in cells}
+    assert {c.info.run_name for c in children} == {f"abl-{n}" for n in [*cells, "transfer"]}
 
     # A rerun recomputes no cell: their markers stay as they were.
     stamps = {n: (run / "cells" / n / "cell.json").stat().st_mtime_ns for n in cells}
