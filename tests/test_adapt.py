@@ -361,3 +361,20 @@ def test_pointwise_adapt_with_list_loss(tmp_path):
         assert h["loss_title"] > 0 and h["loss_list"] > 0
         assert h["loss"] == pytest.approx(h["loss_title"] + 0.5 * h["loss_list"], rel=1e-5)
     assert (run / "adapt" / "merged" / "config.json").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_gradient_checkpointing_changes_memory_not_the_loss(tmp_path):
+    """adapt.gradient_checkpointing=true under ZeRO-3 (one rank): the same losses step by step as without."""
+    from conftest import run_cli
+
+    losses = {}
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        args = ["adapt", "--preset", "tiny", "--nproc", "1", TARGETS, "adapt.max_steps=2", "adapt.micro_batch_size=2"]
+        args += ["adapt.lora_dropout=0.0", f"adapt.gradient_checkpointing={flag}", "teacher.quantization=none"]
+        _ok(run_cli([*args, f"output_dir={run}"]))
+        losses[flag] = [h["loss"] for h in json.loads((run / "adapt" / "history.json").read_text())]
+    assert len(losses["true"]) == 2
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)

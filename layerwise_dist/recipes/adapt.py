@@ -149,6 +149,8 @@ class AdaptRecipe:
         self.base_load_s = time.perf_counter() - t0
         model = attach_lora(base, self.cfg.adapt)
         model.config.use_cache = False
+        if self.cfg.adapt.gradient_checkpointing:  # activations of one layer at a time (non-reentrant: ZeRO-3 safe)
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def _setup_engine(self) -> Any:
