@@ -334,7 +334,8 @@ class BaseRecommender:
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         encoded = []
         for chunk in chunks:
-            prompt, answer = render_prompt(self._example(user_id, split, history, chunk), self.tokenizer)
+            example = self._example(user_id, split, history, chunk)
+            prompt, answer = render_prompt(example, self.tokenizer, self.data_config.system_prompt)
             ids, answer_index = encode(prompt, answer, self.tokenizer)
             encoded.append((ids, answer_index - 1, letters[: len(chunk)]))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

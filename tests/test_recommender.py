@@ -65,13 +65,13 @@ def rec(model, tokenizer, split):
     )
 
 
-def brute_force(model, tokenizer, split, user, history, chunk) -> list[float]:
+def brute_force(model, tokenizer, split, user, history, chunk, system_prompt: str = "") -> list[float]:
     """Score one chunk the direct way: full prompt, last-token logits, log-softmax at each letter."""
     example = RankExample(
         user, history, [split.titles[i] for i in history], chunk, [split.titles[i] for i in chunk], 0, "x"
     )
     example.category = split.category
-    prompt, _ = render_prompt(example, tokenizer)
+    prompt, _ = render_prompt(example, tokenizer, system_prompt)
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
@@ -118,6 +118,22 @@ def test_scores_match_brute_force_per_chunk(rec, model, tokenizer, split):
     )
     torch.testing.assert_close(
         torch.tensor([s for _, s in one.score_items("u1")]), torch.tensor(expected), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_listwise_scores_follow_the_system_prompt(model, tokenizer, split):
+    """data.system_prompt reaches the prompts recommend scores (as it does in evaluation)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, system_prompt="You rank products for a shop.")
+    rec = BaseRecommender(model=model, tokenizer=tokenizer, data=split, data_config=cfg, serve_config=EVERY_ITEM)
+    history, candidates = rec.candidates("u1")
+    pool = [c.item_id for c in candidates][: CFG.num_candidates]
+    got = [s for _, s in rec.score_items("u1")][: len(pool)]
+    want = brute_force(model, tokenizer, split, "u1", history, pool, cfg.system_prompt)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(
+        torch.tensor(got), torch.tensor(brute_force(model, tokenizer, split, "u1", history, pool))
     )
 
 
