@@ -142,7 +142,7 @@ def test_log_and_read_back(store, client, tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-fisher"
     assert run.data.params["train.lr"] == str(cfg.train.lr)
-    assert run.data.params["eval.ks"] == "[1, 5, 10]"
+    assert run.data.params["eval.ks"] == "[1, 5, 10, 20]"  # a list param, as MLflow shows it
     assert run.data.params["data.num_candidates"] == "20"
     assert run.data.tags["strategy"] == "fisher"
     assert run.data.metrics["hr_at_1"] == 0.5 and "memory" not in run.data.metrics
