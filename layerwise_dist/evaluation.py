@@ -46,6 +46,7 @@ import torch
 
 from layerwise_dist import distributed
 from layerwise_dist.models.util import model_device
+from layerwise_dist.stages import reset_peak_rss, status_kib
 
 QUALITY_PREFIXES = ("hr@", "ndcg@", "mrr")
 LATENCY_KEY = "latency_ms_per_example_median"
@@ -709,27 +710,6 @@ def model_bytes(model: Any) -> int:
     return total
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's per-process resident-set high-water mark (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _proc_status_kib("VmHWM") is not None
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -793,8 +773,8 @@ def measure_cost(
             unavailable["cpu_peak_rss_bytes"] = "model runs on CUDA: host RSS is not its memory"
         else:
             unavailable["cuda_peak_allocated_bytes"] = f"model runs on {device.type}, not CUDA"
-            rss_before = _proc_status_kib("VmRSS")
-            rss_tracked = rss_before is not None and _reset_peak_rss()
+            rss_before = status_kib("VmRSS")
+            rss_tracked = rss_before is not None and reset_peak_rss()
             if not rss_tracked:
                 unavailable["cpu_peak_rss_bytes"] = "needs Linux /proc/self/status and a writable /proc/self/clear_refs"
         times, sizes = [], []
@@ -808,7 +788,7 @@ def measure_cost(
         if device.type == "cuda":
             out["cuda_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
         elif rss_tracked:
-            peak = _proc_status_kib("VmHWM")
+            peak = status_kib("VmHWM")
             out["cpu_peak_rss_bytes"] = peak * 1024
             out["cpu_peak_rss_increase_bytes"] = max(0, peak - rss_before) * 1024
     finally:

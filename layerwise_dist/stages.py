@@ -26,7 +26,7 @@ from .distributed import all_reduce_sum, rank, world_size
 MIB = 1024.0
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -44,16 +44,16 @@ def reset_peak_rss() -> bool:
             f.write("5")
     except OSError:
         return False
-    return _status_kib("VmHWM") is not None
+    return status_kib("VmHWM") is not None
 
 
 def rss_mib() -> float | None:
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     return None if kib is None else kib / MIB
 
 
 def peak_rss_mib() -> float | None:
-    kib = _status_kib("VmHWM")
+    kib = status_kib("VmHWM")
     return None if kib is None else kib / MIB
 
 
