@@ -156,24 +156,27 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         task_only = next((n for n in cells if students[n]["weighting"] == "task_only"), None)
         if task_only and (p := paired(best, task_only)) is not None:
             pairs.append({**p, "question": "value of distillation (best cell vs task loss alone)"})
-    h3 = []
-    selections = sorted({students[n]["selection"] for n in cells})
-    for sel in selections:
-        by_w = {students[n]["weighting"]: n for n in cells if students[n]["selection"] == sel}
-        for a, b in (("fisher", "uniform"), ("fisher", "linear"), ("linear", "uniform")):
-            if a in by_w and b in by_w and (p := paired(by_w[a], by_w[b])) is not None:
-                d = p["ndcg@10"] or {}
-                lo, hi = (d.get("ci95") or [float("nan"), float("nan")])[:2]
-                h3.append({**p, "selection": sel, "verdict": _verdict(lo, hi, a, b)})
-    weightings = sorted({students[n]["weighting"] for n in cells} - {"task_only"})
-    selection_pairs = []
-    for w in weightings:
-        by_s = {students[n]["selection"]: n for n in cells if students[n]["weighting"] == w}
-        for a, b in (("fisher-topk", "uniform"), ("fisher-topk", "first"), ("uniform", "first")):
-            if a in by_s and b in by_s and (p := paired(by_s[a], by_s[b])) is not None:
-                d = p["ndcg@10"] or {}
-                lo, hi = (d.get("ci95") or [float("nan"), float("nan")])[:2]
-                selection_pairs.append({**p, "weighting": w, "verdict": _verdict(lo, hi, a, b)})
+
+    def contrasts(fixed: str, varied: str, pairs_of: Sequence[tuple[str, str]], skip: set[str]) -> list[dict]:
+        """Per value of ``fixed`` (selection or weighting), the paired difference of each pair of ``varied``."""
+        out = []
+        for value in sorted({students[n][fixed] for n in cells} - skip):
+            by = {students[n][varied]: n for n in cells if students[n][fixed] == value}
+            for a, b in pairs_of:
+                if a in by and b in by and (p := paired(by[a], by[b])) is not None:
+                    lo, hi = ((p["ndcg@10"] or {}).get("ci95") or [float("nan"), float("nan")])[:2]
+                    out.append({**p, fixed: value, "verdict": _verdict(lo, hi, a, b)})
+        return out
+
+    h3 = contrasts(
+        "selection", "weighting", (("fisher", "uniform"), ("fisher", "linear"), ("linear", "uniform")), set()
+    )
+    selection_pairs = contrasts(
+        "weighting",
+        "selection",
+        (("fisher-topk", "uniform"), ("fisher-topk", "first"), ("uniform", "first")),
+        {"task_only"},
+    )
 
     h1 = {}
     adapted = "teacher_zero_shot" in top
