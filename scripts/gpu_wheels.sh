@@ -22,9 +22,9 @@ BIN=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --a
      -d "$DIR")
 # Compiled wheels, pinned to the versions this repository is tested with.
 $PIP download "${BIN[@]}" bitsandbytes==0.50.2 msgpack==1.2.4 ninja==1.13.2 pydantic-core==2.50.5
-# Pure-python wheels.
+# Pure-python wheels (typing-extensions: pydantic needs >= 4.16, newer than some images carry).
 $PIP download "${BIN[@]}" einops==0.8.2 hjson==3.1.0 py-cpuinfo==9.0.0 pydantic==2.14.4 \
-    annotated-types==0.8.0 typing-inspection==0.4.5 omegaconf==2.4.0 \
+    annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 omegaconf==2.4.0 \
     pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 setuptools==84.2.1 wheel==0.48.0
 # DeepSpeed: source only.
 $PIP download --no-deps --no-binary=:all: deepspeed==0.19.8 -d "$DIR"
