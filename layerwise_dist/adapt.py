@@ -176,8 +176,10 @@ def supervised_lm_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+    from .heads import forward_keeping
+
+    out = forward_keeping(
+        model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     )
     targets = labels[:, 1:][keep[:, :-1]]
     if targets.numel() == 0:

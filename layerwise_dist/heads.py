@@ -97,3 +97,30 @@ def _post(logits: torch.Tensor, softcap: float | None, scale: float | None) -> t
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+def _mask_logits_to_keep_supported() -> bool:
+    """Whether this transformers takes a [B, L] boolean ``logits_to_keep`` (added after 5.17: its causal
+    LMs index ``hidden_states[:, keep, :]``, which accepts an int or a 1D tensor of positions only)."""
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep")
+
+
+def forward_keeping(model: Any, keep: torch.Tensor, **kwargs: Any) -> Any:
+    """``model(**kwargs)`` with the LM head applied only where ``keep`` [B, L] (bool) is True.
+
+    The output's ``logits`` are [U, V] for the U kept positions in (row, position) order, whatever the
+    transformers version: a boolean ``logits_to_keep`` where it is supported, else the union of the kept
+    positions as a 1D ``logits_to_keep`` ([B, P, V], P <= L) from which the kept (row, position) pairs are
+    read. The same head (scaling, soft-capping) runs in both; only the number of rows it sees differs.
+    """
+    if keep.dtype != torch.bool or keep.dim() != 2:
+        raise HeadError(f"keep must be a [B, L] bool mask; got {keep.dtype} {tuple(keep.shape)}")
+    if _mask_logits_to_keep_supported():
+        return model(**kwargs, logits_to_keep=keep)
+    rows, pos = keep.nonzero(as_tuple=True)  # row-major: the order a boolean mask flattens in
+    positions = keep.any(0).nonzero().flatten()
+    out = model(**kwargs, logits_to_keep=positions)
+    out.logits = out.logits[rows, torch.searchsorted(positions, pos)]
+    return out

@@ -452,12 +452,15 @@ def packed_forward(model: Any, packed: PackedBatch, hf_model: nn.Module | None =
             f"{MASK_ATTN_IMPLEMENTATIONS}; {type(inner).__name__} uses {impl!r} (load it with attn_implementation='sdpa')"
         )
     dtype = inner.get_input_embeddings().weight.dtype
+    from .heads import forward_keeping
+
     keep, _ = packed_logit_positions(packed)
-    return model(
+    return forward_keeping(
+        model,
+        keep,
         input_ids=packed.input_ids,
         attention_mask=_mask_to(packed.model_attention_mask(inner.config, dtype), packed.input_ids.device),
         position_ids=packed.position_ids,
-        logits_to_keep=keep,
         output_hidden_states=True,
         use_cache=False,
     )

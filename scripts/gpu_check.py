@@ -346,11 +346,15 @@ def part_models(args) -> dict:
                 fns[f"{role}_answer_only"] = lambda m=model, b=batch: answer_only_scores(m, b)
             with torch.no_grad(), flash_context(dev):
                 t = interleaved(fns, s["reps"], dev)
+                # Both models stay resident, so a role's scoring memory = its own weights + what its
+                # forward allocates above everything resident (the peak above the level before the call).
                 peaks = {}
                 for role, model in models.items():
                     _reset_peak(dev)
+                    resident = _mem(dev)
                     answer_only_scores(model, batch)
-                    peaks[role] = _peak(dev)
+                    if dev == "cuda":
+                        peaks[role] = weight_bytes_measured(model)["total"] + _peak(dev) - resident
             tshape = planner.count_model(models["teacher"].config)
             sshape = planner.count_model(models["student"].config)
             row = {"seconds": t}
@@ -361,7 +365,7 @@ def part_models(args) -> dict:
                 )
             row["answer_only_over_full_teacher"] = t["teacher_full"] / t["teacher_answer_only"]
             if dev == "cuda":
-                row["peak_bytes"] = peaks
+                row["peak_bytes"] = peaks  # weights + the forward's peak activations (answer-only path)
                 row["student_peak_memory_reduction"] = 1 - peaks["student"] / peaks["teacher"]
             scoring[f"{precision}_seq{seq}"] = row
 

@@ -47,3 +47,36 @@ def test_bad_batches_are_refused():
         answer_only_scores(model, bad)
     with pytest.raises(HeadError, match="listwise"):
         answer_only_scores(model, dict(batch, packed=object()))
+
+
+@pytest.mark.parametrize("mask_supported", [True, False])
+def test_forward_keeping_gives_the_kept_logits_on_any_transformers(monkeypatch, mask_supported):
+    """Transformers <= 5.17 takes no boolean [B, L] ``logits_to_keep`` (IndexError inside the model: seen on
+    the GPU machine's 5.17): the 1D-positions fallback must return the same [U, V] logits, in (row, pos) order,
+    and the Fisher targets and the packed pointwise forward built on it must agree with the full path."""
+    import layerwise_dist.heads as heads
+    from layerwise_dist.fisher.targets import answer_log_probs, answer_targets
+
+    monkeypatch.setattr(heads, "_mask_logits_to_keep_supported", lambda: mask_supported)
+    model = tiny_llama(vocab_size=256, num_layers=2, hidden=32, seed=4).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 256, (3, 11), generator=gen)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[0, [2, 9]] = True
+    keep[2, [0, 5, 9, 10]] = True  # row 1 keeps nothing; positions shared and not shared across rows
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        kept = heads.forward_keeping(model, keep, input_ids=ids).logits
+    assert kept.shape == (int(keep.sum()), 256)
+    torch.testing.assert_close(kept, full[keep], rtol=1e-5, atol=1e-5)
+
+    batch = make_batches(6, 1, seed=2)[0]
+    rows, pos, tok = answer_targets(batch)
+    with torch.no_grad():
+        ref = torch.log_softmax(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[rows, pos].float(), -1
+        )
+        want = torch.zeros(batch["input_ids"].shape[0]).index_add(0, rows, ref.gather(1, tok[:, None]).squeeze(1))
+        torch.testing.assert_close(answer_log_probs(model, batch), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(HeadError, match="bool mask"):
+        heads.forward_keeping(model, keep.long(), input_ids=ids)

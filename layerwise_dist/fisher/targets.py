@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from layerwise_dist.config import FisherLabels
 from layerwise_dist.data.tokenize import IGNORE_INDEX
+from layerwise_dist.heads import forward_keeping
 
 LABEL_MODES = typing.get_args(FisherLabels)
 
@@ -123,8 +124,8 @@ def answer_log_probs(
     if _accepts_logits_to_keep(model):
         keep = torch.zeros_like(input_ids, dtype=torch.bool)
         keep[rows, pos] = True
-        # A boolean mask keeps exactly these positions, flattened in (row, pos) order = our order.
-        logits = model(**kwargs, logits_to_keep=keep).logits.reshape(rows.shape[0], -1)
+        # Exactly these positions, flattened in (row, pos) order = our order.
+        logits = forward_keeping(model, keep, **kwargs).logits.reshape(rows.shape[0], -1)
     else:
         logits = model(**kwargs).logits[rows, pos]
     logprobs = F.log_softmax(logits.float(), dim=-1)
