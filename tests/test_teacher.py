@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -203,3 +205,36 @@ def test_real_gemma3_270m_teacher_and_student(tmp_path):
     with pytest.raises(StudentError) as err:
         check_same_tokenizer(run)
     assert "\n" not in str(err.value) and "vocabulary differs from the teacher's" in str(err.value)
+
+
+def test_model_names_are_never_folders_of_the_working_directory(tmp_path, monkeypatch):
+    """A registry name, tiny or a bare word stays a name even when a folder of that name is in the cwd;
+    a local model must be written as a path (./name), and the error for a bare word says so."""
+    from transformers import AutoConfig
+
+    from layerwise_dist.models.teacher import model_path
+
+    monkeypatch.chdir(tmp_path)
+    decoy = AutoConfig.for_model(
+        "llama", num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=2
+    )
+    for name in ("tiny", "smollm2-135m", "embedded:smollm2", "mymodel"):
+        (tmp_path / name).mkdir(parents=True)
+        decoy.save_pretrained(tmp_path / name)  # a valid HF folder: it would load if it were used
+    (tmp_path / "org" / "repo").mkdir(parents=True)
+    decoy.save_pretrained(tmp_path / "org" / "repo")
+
+    for name in ("tiny", "tiny:qwen2", "smollm2-135m", "embedded:smollm2", "mymodel", "gpt2", "org/missing"):
+        assert model_path(name) is None, name
+    assert model_path("./mymodel") == Path("./mymodel")
+    assert model_path("../x") == Path("../x") and model_path("/abs/x") == Path("/abs/x")
+    assert model_path("a/b/c") == Path("a/b/c") and model_path("org/repo") == Path("org/repo")
+    assert model_path("m.gguf") == Path("m.gguf")
+
+    tiny = resolve_model_dir(TeacherConfig(model="tiny"))
+    assert tiny != tmp_path / "tiny" and not tiny.is_relative_to(tmp_path)
+    assert AutoConfig.from_pretrained(tiny).num_hidden_layers == 4  # the built tiny model, not the 1-layer decoy
+    with pytest.raises(ModelLoadError, match=r"'mymodel' is neither a registry name .* e\.g\. \./mymodel"):
+        resolve_model_dir(TeacherConfig(model="mymodel"))
+    assert resolve_model_dir(TeacherConfig(model="./mymodel")) == Path("./mymodel")
+    assert resolve_model_dir(TeacherConfig(model="org/repo")) == Path("org/repo")

@@ -209,8 +209,27 @@ def tiny_architecture(name: str) -> str | None:
     return arch
 
 
+def model_path(name: str) -> Path | None:
+    """The local folder or file that a ``teacher.model`` value names, or None when it is a model name.
+
+    Names are never looked up in the working directory, even when a folder of that name exists
+    there: a registry name or alias, ``tiny`` / ``tiny:<arch>`` and a bare word without ``/``
+    (a hub id such as ``gpt2``) are names. A local model is written as a path: absolute, starting
+    with ``./``, ``../`` or ``~``, holding two or more ``/`` (``results/run/student``), or ending in
+    ``.gguf``. ``org/name`` (one ``/``) is a folder when it exists, else a hub id.
+    """
+    if registry_entry(name) is not None or name == "tiny" or name.startswith("tiny:"):
+        return None
+    path = Path(name).expanduser()
+    if path.is_absolute() or name in (".", "..") or name.startswith(("./", "../", "~")) or path.suffix == ".gguf":
+        return path
+    if "/" not in name or (name.count("/") == 1 and not path.exists()):
+        return None
+    return path
+
+
 def resolve_model_dir(cfg: TeacherConfig) -> Path:
-    """Turn cfg.model into a local HF model folder (converting or building it once)."""
+    """Turn cfg.model into a local HF model folder (converting or building it once); see :func:`model_path`."""
     name = cfg.model
     entry = registry_entry(name)
     if entry is not None:
@@ -221,7 +240,9 @@ def resolve_model_dir(cfg: TeacherConfig) -> Path:
         return build_tiny(
             cfg, cache_dir() / f"tiny{suffix}-l{cfg.tiny_layers}-h{cfg.tiny_hidden}-s{cfg.tiny_seed}", arch
         )
-    path = Path(name).expanduser()
+    path = model_path(name)
+    if path is None:
+        return _hub_snapshot(name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"teacher.model: GGUF file {path} does not exist")
@@ -232,16 +253,21 @@ def resolve_model_dir(cfg: TeacherConfig) -> Path:
         if not (path / "config.json").exists():
             raise ModelLoadError(f"teacher.model: {path} is a folder but holds no config.json (not a HF model folder)")
         return path
-    if path.is_absolute() or name.startswith((".", "~")) or os.sep in name and name.count("/") != 1:
-        raise ModelLoadError(f"teacher.model: no such model folder or file: {path}")
-    # A hub id: only what is already in the local HF cache (this package never downloads at run time).
+    raise ModelLoadError(f"teacher.model: no such model folder or file: {path}")
+
+
+def _hub_snapshot(name: str) -> Path:
+    """A hub id: only what is already in the local HF cache (this package never downloads at run time)."""
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name, local_files_only=True))
     except Exception as e:  # huggingface_hub raises several types for "not cached"
+        names = ", ".join(sorted(_ALIASES))
+        hint = f"; a local folder is given as a path, e.g. ./{name}" if "/" not in name else ""
         raise ModelLoadError(
-            f"teacher.model: {name!r} is neither a local folder/file nor in the local Hugging Face cache ({type(e).__name__})"
+            f"teacher.model: {name!r} is neither a registry name ({names}, tiny, tiny:<arch>), a local folder/file "
+            f"nor in the local Hugging Face cache ({type(e).__name__}){hint}"
         ) from None
 
 
