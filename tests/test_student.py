@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+import layerwise_dist.models.student as student_module
 from layerwise_dist.models.student import (
     StudentError,
     build_student,
@@ -175,3 +176,154 @@ def test_student_from_quantized_teacher(teacher, tmp_path, input_ids, quantizati
     # The student trains: a backward pass reaches the dequantized weights.
     student(input_ids, labels=input_ids).loss.backward()
     assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+# --- Reading only the chosen layers from a safetensors folder ---------------------------------------------
+
+
+def _saved_teacher(folder, tied: bool, num_layers: int = 5, dtype: torch.dtype = torch.float32, **save_kwargs):
+    model = tiny_llama(num_layers=num_layers, hidden=64, seed=7)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    model.to(dtype).save_pretrained(folder, **save_kwargs)
+    return folder
+
+
+def _whole_teacher_student(folder, layers):
+    """The general path: the whole teacher in memory, its chosen tensors copied."""
+    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    return build_student(teacher, layers, teacher_name=str(folder))[0]
+
+
+def _assert_same_student(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype == torch.float32, key
+        assert torch.equal(sa[key], sb[key]), key
+    buffers_a, buffers_b = dict(a.named_buffers()), dict(b.named_buffers())
+    assert buffers_a.keys() == buffers_b.keys()
+    for key in buffers_a:
+        assert torch.equal(buffers_a[key], buffers_b[key]), key
+    assert a.config.to_dict() == b.config.to_dict()
+    assert a.generation_config.to_dict() == b.generation_config.to_dict()
+    assert a.training and all(p.requires_grad for p in a.parameters())
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_student_from_safetensors_equals_whole_teacher_path(tmp_path, input_ids, tied, sharded):
+    kwargs = {"max_shard_size": "40KB"} if sharded else {}
+    folder = _saved_teacher(tmp_path / "teacher", tied, **kwargs)
+    assert (folder / "model.safetensors.index.json").is_file() == sharded
+    if sharded:
+        assert len(list(folder.glob("model-*.safetensors"))) > 3
+    expected = _whole_teacher_student(folder, [1, 4])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(student_module.AutoModelForCausalLM, "from_pretrained", _refuse_whole_teacher)
+        student, layer_map = build_student(folder, [1, 4])
+    assert layer_map == [1, 4]
+    _assert_same_student(student, expected)
+    tied_now = student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    assert tied_now == tied
+    student.eval(), expected.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids).logits, expected(input_ids).logits, rtol=0, atol=0)
+
+
+def _refuse_whole_teacher(*args, **kwargs):
+    raise AssertionError("build_student loaded the whole teacher")
+
+
+def test_student_from_bf16_safetensors_upcasts_like_the_whole_teacher_path(tmp_path, monkeypatch):
+    folder = _saved_teacher(tmp_path / "teacher", tied=False, dtype=torch.bfloat16)
+    expected = _whole_teacher_student(folder, [0, 3])
+    monkeypatch.setattr(student_module.AutoModelForCausalLM, "from_pretrained", _refuse_whole_teacher)
+    student, _ = build_student(folder, [0, 3])
+    _assert_same_student(student, expected)
+
+
+def test_student_from_pytorch_bin_folder_takes_the_whole_teacher_path(tmp_path):
+    """No safetensors in the folder: the general path, same student."""
+    model = tiny_llama(num_layers=4, hidden=64, seed=2)
+    folder = tmp_path / "bin"
+    model.save_pretrained(folder)
+    state = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    student, _ = build_student(folder, [2, 3])
+    for i, t in enumerate([2, 3]):
+        for name, w in student.model.layers[i].named_parameters():
+            assert torch.equal(w, model.model.layers[t].get_parameter(name)), name
+
+
+def test_student_from_broken_safetensors_folders(tmp_path):
+    folder = _saved_teacher(tmp_path / "sharded", tied=False, max_shard_size="40KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(StudentError, match="lists shards that are not there"):
+        build_student(folder, [0, 1])
+    single = _saved_teacher(tmp_path / "single", tied=False)
+    data = (single / "model.safetensors").read_bytes()
+    (single / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(StudentError, match="truncated"):
+        build_student(single, [0, 4])
+    (single / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(StudentError, match="not a readable safetensors file"):
+        build_student(single, [0, 1])
+    with pytest.raises(StudentError, match="outside"):
+        build_student(_saved_teacher(tmp_path / "ok", tied=False), [0, 5])
+
+
+_RSS_CHILD = """
+import json, sys
+from layerwise_dist.models.student import build_student
+from layerwise_dist.stages import peak_rss_mib, reset_peak_rss, rss_mib
+from transformers import AutoModelForCausalLM
+folder, warm, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+# Warm-up on a 2-layer model of the same architecture: lazy imports and caches are not the build's memory.
+build_student(warm, [0, 1])
+build_student(AutoModelForCausalLM.from_pretrained(warm, dtype="auto"), [0, 1])
+before = rss_mib()
+if not reset_peak_rss():
+    print(json.dumps(None)); sys.exit()
+if kind == "folder":
+    student, _ = build_student(folder, [5, 17])
+else:
+    student, _ = build_student(AutoModelForCausalLM.from_pretrained(folder, dtype="auto"), [5, 17])
+peak = peak_rss_mib()
+size = sum(p.numel() * p.element_size() for p in student.parameters()) / 2**20
+print(json.dumps({"extra_mib": peak - before, "student_mib": size}))
+"""
+
+
+def test_student_construction_memory_is_of_the_student_not_the_teacher(tmp_path):
+    """2 of 24 layers, each build in a fresh process: the folder path's peak above the process's resident set
+    is about the student's size; the whole-teacher path's is at least the teacher's."""
+    import json
+    import subprocess
+    import sys
+
+    model = tiny_llama(num_layers=24, hidden=256, seed=0)
+    teacher_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    model.save_pretrained(tmp_path / "teacher")
+    tiny_llama(num_layers=2, hidden=256, seed=1).save_pretrained(tmp_path / "warm")
+    del model
+    measured = {}
+    for kind in ("folder", "teacher"):
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_CHILD, str(tmp_path / "teacher"), str(tmp_path / "warm"), kind],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        measured[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        if measured[kind] is None:
+            pytest.skip("this kernel does not let a process reset its RSS high-water mark")
+    student_mib = measured["folder"]["student_mib"]
+    assert student_mib < teacher_mib / 8  # 2 of 24 layers and a small vocabulary
+    # (Some of the teacher's bytes fit in memory the warm-up freed: at least half of them are new.)
+    assert measured["teacher"]["extra_mib"] > 0.5 * teacher_mib, measured
+    # The student's own bytes, plus allocator and module-construction slack of a few MiB.
+    assert measured["folder"]["extra_mib"] < 1.2 * student_mib + 4, (measured, teacher_mib)

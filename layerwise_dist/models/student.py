@@ -2,8 +2,9 @@
 
 ``select_layers`` picks teacher layer indices (by Fisher score or a baseline rule); ``build_student`` copies
 them, in order, with the embeddings, final norm and LM head into a fresh model of the teacher's class with
-``num_hidden_layers = len(layers)``, in fp32 and trainable. A 4-bit (or 8-bit) bitsandbytes teacher is
-dequantized on the way. The layer map is stored in ``student.config.layerwise_dist`` so that it travels
+``num_hidden_layers = len(layers)``, in fp32 and trainable. From a model folder with safetensors weights it
+reads only those tensors (host memory O(student), not O(teacher)); from an in-memory teacher it copies them,
+dequantizing a 4-bit (or 8-bit) bitsandbytes teacher on the way. The layer map is stored in ``student.config.layerwise_dist`` so that it travels
 with ``save_pretrained`` and is read back by :func:`load_layer_map`.
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
 import math
-import re
+import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +25,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..config import Selection
+from ..distributed import get_logger
+
+log = get_logger()
 
 SELECTIONS = typing.get_args(Selection)
 CONFIG_KEY = "layerwise_dist"
@@ -280,22 +285,35 @@ def build_student(
     ties them) and fresh per-layer attributes (``self_attn.layer_idx`` = its own index, for the KV cache).
     Returns ``(student, layer_map)`` with ``layer_map[i] = layers[i]``; the map and the teacher name are
     stored in ``student.config.layerwise_dist``.
+
+    A folder holding safetensors weights (``model.safetensors``, or shards listed in
+    ``model.safetensors.index.json``) is read tensor by tensor: the student is built on the meta device and
+    gets only the chosen layers' tensors, the embeddings, the final norm and the head, each read from disk
+    straight into its own fp32 buffer, so the peak host memory is the student's size, not the teacher's.
+    Every other source goes through the general path, which holds the whole teacher in memory while
+    copying: an in-memory model, a folder of ``pytorch_model.bin`` weights, a quantized checkpoint (its
+    ``config.json`` names a ``quantization_config``), one whose tensor names differ from the model's
+    parameter names (transformers renames them on load) or of a dtype safetensors' reader here does not
+    know. (GGUF teachers reach this function as the safetensors folder :mod:`.teacher` converts them to.)
+    Both paths give bit-identical students.
     """
+    layer_map = [int(t) for t in layers]
     if isinstance(source, (str, Path)):
         name = teacher_name or str(source)
-        if not Path(source).is_dir():
+        folder = Path(source)
+        if not folder.is_dir():
             raise StudentError(f"student source {str(source)!r} is not a model folder")
+        try:
+            return _build_from_safetensors(folder, layer_map, name)
+        except _NotReadableByTensor as e:
+            log.info("student from %s: whole-teacher path (%s)", folder, e)
         # Checkpoint dtype: the tensors the student keeps are upcast one by one below.
-        source = AutoModelForCausalLM.from_pretrained(str(source), dtype="auto")
+        source = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
     elif isinstance(source, PreTrainedModel):
         name = teacher_name or getattr(source.config, "_name_or_path", "") or type(source).__name__
     else:
         raise StudentError(f"student source must be a model folder or a PreTrainedModel; got {type(source).__name__}")
-    num_teacher = int(source.config.num_hidden_layers)
-    layer_map = [int(t) for t in layers]
-    if not layer_map:
-        raise StudentError("the student needs at least one teacher layer")
-    _check_teacher_indices(layer_map, num_teacher, "layers")
+    _check_layer_map(layer_map, int(source.config.num_hidden_layers))
 
     prefix = decoder_layers_path(source)
     cfg = _student_config(source.config, layer_map, {"layer_map": layer_map, "teacher": name})
@@ -304,15 +322,13 @@ def build_student(
     student.to(torch.float32)
 
     tensors = _source_tensors(source)
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
     missing = []
     with torch.no_grad():
         student_items = itertools.chain(
             student.named_parameters(remove_duplicate=False), student.named_buffers(remove_duplicate=False)
         )
         for key, target in student_items:
-            match = pattern.match(key)
-            src_key = f"{prefix}.{layer_map[int(match.group(1))]}.{match.group(2)}" if match else key
+            src_key = _teacher_key(key, prefix, layer_map)
             if src_key not in tensors:
                 missing.append(key)
                 continue
@@ -329,11 +345,180 @@ def build_student(
         student.tie_weights()
     if getattr(source, "generation_config", None) is not None:
         student.generation_config = copy.deepcopy(source.generation_config)
-    _check_layer_attention(source, student, prefix, layer_map)
+    return _finish(student, source, prefix, layer_map), layer_map
+
+
+def _check_layer_map(layer_map: list[int], num_teacher: int) -> None:
+    if not layer_map:
+        raise StudentError("the student needs at least one teacher layer")
+    _check_teacher_indices(layer_map, num_teacher, "layers")
+
+
+def _teacher_key(student_key: str, prefix: str, layer_map: list[int]) -> str:
+    """The teacher's name for a student tensor: ``{prefix}.{i}.rest`` -> ``{prefix}.{layer_map[i]}.rest``."""
+    head = prefix + "."
+    if student_key.startswith(head):
+        index, _, rest = student_key[len(head) :].partition(".")
+        if index.isdigit() and rest:
+            return f"{head}{layer_map[int(index)]}.{rest}"
+    return student_key
+
+
+def _finish(student: PreTrainedModel, teacher: nn.Module, prefix: str, layer_map: list[int]) -> PreTrainedModel:
+    _check_layer_attention(teacher, student, prefix, layer_map)
     for p in student.parameters():
         p.requires_grad_(True)
     student.train()
-    return student, layer_map
+    return student
+
+
+class _NotReadableByTensor(Exception):
+    """The folder's weights cannot be read tensor by tensor here; :func:`build_student` takes the general path."""
+
+
+# safetensors dtype names (little-endian on disk, as the format specifies).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """``({name: {"dtype", "shape", "data_offsets"}}, byte offset of the data)`` of one safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size <= 0 or size > path.stat().st_size - 8:
+                raise ValueError(f"header length {size} does not fit the file")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        raise StudentError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise StudentError(f"{path}: not a readable safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def safetensors_files(folder: Path) -> dict[str, Path] | None:
+    """Tensor name -> the safetensors file holding it, for a folder with ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json``; None for a folder without safetensors weights."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StudentError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        absent = sorted({str(p) for p in files.values() if not p.is_file()})
+        if absent:
+            raise StudentError(f"{index} lists shards that are not there: {absent[:3]}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return {name: single for name in _safetensors_header(single)[0]}
+    return None
+
+
+def _read_tensors(wanted: dict[str, str], files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """``{student name: tensor}`` for ``wanted`` = ``{student name: checkpoint name}``, each read from its file
+    straight into a buffer of its own (no memory map, nothing else of the file read); floating-point
+    tensors are returned in fp32. Files are opened once each and read in offset order."""
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for key, src in wanted.items():
+        by_file.setdefault(files[src], []).append((key, src))
+    out: dict[str, torch.Tensor] = {}
+    for path, items in by_file.items():
+        header, base = _safetensors_header(path)
+        absent = [src for _, src in items if src not in header]
+        if absent:
+            raise StudentError(f"{path} does not hold {absent[:3]} (its index says it does)")
+        items.sort(key=lambda item: header[item[1]]["data_offsets"][0])
+        with open(path, "rb") as f:
+            for key, src in items:
+                entry = header[src]
+                dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+                if dtype is None:
+                    raise _NotReadableByTensor(f"{src} has dtype {entry.get('dtype')}")
+                begin, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=dtype)
+                nbytes = tensor.numel() * tensor.element_size()
+                if end - begin != nbytes:
+                    raise StudentError(f"{path}: {src} spans {end - begin} bytes, its shape and dtype need {nbytes}")
+                if nbytes:
+                    f.seek(base + begin)
+                    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                    if f.readinto(buffer) != nbytes:
+                        raise StudentError(f"{path}: truncated at {src}")
+                # An fp32 checkpoint's tensor is already the student's buffer; others are upcast once.
+                out[key] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+                del tensor
+    return out
+
+
+def _build_from_safetensors(folder: Path, layer_map: list[int], name: str) -> tuple[PreTrainedModel, list[int]]:
+    """:func:`build_student` from a folder of safetensors weights, reading only what the student holds."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    if sys.byteorder != "little":
+        raise _NotReadableByTensor("safetensors data is little-endian, this machine is not")
+    files = safetensors_files(folder)
+    if files is None:
+        raise _NotReadableByTensor("no safetensors weights in the folder")
+    config = AutoConfig.from_pretrained(str(folder))
+    if getattr(config, "quantization_config", None):
+        raise _NotReadableByTensor("a quantized checkpoint")
+    _check_layer_map(layer_map, int(config.num_hidden_layers))
+    # The teacher's module tree without any storage: where its layers live, their attention settings.
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config)
+    prefix = decoder_layers_path(teacher)
+    cfg = _student_config(config, layer_map, {"layer_map": layer_map, "teacher": name})
+    # Parameters on the meta device (no memory), buffers computed as usual (rotary frequencies, ...).
+    with _no_init(), init_empty_weights(include_buffers=False):
+        student = type(teacher)(cfg)
+    student.to(torch.float32)
+    targets = student.state_dict(keep_vars=True)
+    wanted, seen = {}, set()
+    for key, target in targets.items():
+        src = _teacher_key(key, prefix, layer_map)
+        if src in files and id(target) not in seen:  # a tensor tied at init (the head) is read once
+            wanted[key] = src
+            seen.add(id(target))
+    loaded = _read_tensors(wanted, files)
+    for key, tensor in loaded.items():
+        if tensor.shape != targets[key].shape:
+            raise StudentError(
+                f"{wanted[key]}: teacher shape {tuple(tensor.shape)} != student shape {tuple(targets[key].shape)}"
+            )
+    student.load_state_dict(loaded, strict=False, assign=True)
+    del loaded
+    if getattr(cfg, "tie_word_embeddings", False):
+        student.tie_weights()
+    unset = [
+        key
+        for key, t in itertools.chain(student.named_parameters(), student.named_buffers())
+        if t.device.type == "meta"
+    ]
+    if unset:
+        raise _NotReadableByTensor(f"no tensor in the checkpoint for {unset[:3]}")
+    if student.can_generate():
+        # As from_pretrained: generation_config.json, else the generation fields of config.json.
+        try:
+            student.generation_config = GenerationConfig.from_pretrained(str(folder))
+        except OSError:
+            student.generation_config = GenerationConfig.from_pretrained(
+                str(folder), config_file_name="config.json", _from_model_config=True
+            )
+    return _finish(student, teacher, prefix, layer_map), layer_map
 
 
 # Per-layer attention settings a decoder layer keeps on its attention module (Gemma 2/3, Qwen2/3, Mistral, ...).
