@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import add_json_out, emit
+
 WORDS = "great good fine soft smell skin hair works price quality love bought again would recommend not".split()
 
 
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--keep", default="", help="write the synthetic files here and keep them")
     parser.add_argument("--child", nargs=2, metavar=("REVIEWS", "META"), help=argparse.SUPPRESS)
+    add_json_out(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(Path(args.child[0]), Path(args.child[1]))))
@@ -128,7 +131,7 @@ def main() -> None:
         reviews.unlink()
     if tmp is not None:
         tmp.cleanup()
-    print(json.dumps({"benchmark": "data_reader", "python": sys.version.split()[0], "results": results}, indent=2))
+    emit({"benchmark": "data_reader", "results": results}, args.json_out)
 
 
 if __name__ == "__main__":

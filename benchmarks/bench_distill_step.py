@@ -12,11 +12,11 @@ and prints JSON with the medians and ratio = distill / (teacher + student). Goal
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+from _results import add_json_out, emit
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("overrides", nargs="*")
+    add_json_out(parser)
     args = parser.parse_args()
 
     from layerwise_dist.config import load_config
@@ -70,21 +71,19 @@ def main() -> None:
             fn()
             timings[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in timings.items()}
-    print(
-        json.dumps(
-            {
-                "preset": args.preset,
-                "teacher": cfg.teacher.model,
-                "quantization": cfg.teacher.quantization,
-                "batch": list(batch["input_ids"].shape),
-                "student_layers": layer_map,
-                "reps": args.reps,
-                "median_s": med,
-                "ratio_distill_over_parts": med["distill"] / (med["teacher"] + med["student"]),
-                "goal": 1.10,
-            },
-            indent=2,
-        )
+    emit(
+        {
+            "preset": args.preset,
+            "teacher": cfg.teacher.model,
+            "quantization": cfg.teacher.quantization,
+            "batch": list(batch["input_ids"].shape),
+            "student_layers": layer_map,
+            "reps": args.reps,
+            "median_s": med,
+            "ratio_distill_over_parts": med["distill"] / (med["teacher"] + med["student"]),
+            "goal": 1.10,
+        },
+        args.json_out,
     )
 
 

@@ -30,12 +30,12 @@ forward+backward is therefore about min(1, T*(i+o)/(i*o)) / 2: large for SmolLM2
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 
 import torch
+from _results import add_json_out, emit
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from layerwise_dist.fisher import answer_log_probs, compute_fisher_profile
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quant", default="none", choices=["none", "nf4"])
+    add_json_out(parser)
     args = parser.parse_args()
 
     model = build_model(args.shape, args.layers, args.vocab)
@@ -160,7 +161,7 @@ def main() -> None:
     if "plain_train" in med:
         out["ratio_param_vs_train"] = med["fisher_param"] / med["plain_train"]
         out["ratio_act_vs_train"] = med["fisher_act"] / med["plain_train"]
-    print(json.dumps(out, indent=2))
+    emit(out, args.json_out)
     if tmp is not None:
         tmp.cleanup()
 

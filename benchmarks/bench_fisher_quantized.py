@@ -22,8 +22,9 @@ in one process, and prints JSON with:
 from __future__ import annotations
 
 import argparse
-import json
 import time
+
+from _results import add_json_out, emit
 
 
 def _combine(a: list[float], na: int, b: list[float], nb: int) -> list[float]:
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--quant", default="nf4", choices=["nf4", "int8"])
     parser.add_argument("--check_examples", type=int, default=8, help="0 skips the dequantized-copy check")
     parser.add_argument("overrides", nargs="*")
+    add_json_out(parser)
     args = parser.parse_args()
 
     from layerwise_dist.config import load_config
@@ -95,35 +97,33 @@ def main() -> None:
         return FisherProfile(scores=scores, form=ref.form, labels=ref.labels).top_layers(5)
 
     fp32, quantized = full["none"], full[args.quant]
-    print(
-        json.dumps(
-            {
-                "teacher": cfg.teacher.model,
-                "quantization": args.quant,
-                "examples": len(data),
-                "form": args.form,
-                "labels": args.labels,
-                "spearman_fp32_vs_quant": spearman(fp32, quantized),
-                "goal": 0.9,
-                "split_half": {
-                    "examples": [n_first, n_second],
-                    "fp32_first_vs_second": spearman(halves["none"][0].scores, halves["none"][1].scores),
-                    "quant_first_vs_second": spearman(halves[args.quant][0].scores, halves[args.quant][1].scores),
-                    "fp32_vs_quant_first": spearman(halves["none"][0].scores, halves[args.quant][0].scores),
-                    "fp32_vs_quant_second": spearman(halves["none"][1].scores, halves[args.quant][1].scores),
-                },
-                "dequantized_check": check,
-                "top5_fp32": top(fp32),
-                "top5_quant": top(quantized),
-                "depth_shares_fp32": shares(fp32),
-                "depth_shares_quant": shares(quantized),
-                "scores_fp32": [round(s, 4) for s in fp32],
-                "scores_quant": [round(s, 4) for s in quantized],
-                "spearman_fisher_vs_block_influence_fp32": spearman(fp32, ref.block_influence),
-                "fisher_pass_seconds": seconds,
+    emit(
+        {
+            "teacher": cfg.teacher.model,
+            "quantization": args.quant,
+            "examples": len(data),
+            "form": args.form,
+            "labels": args.labels,
+            "spearman_fp32_vs_quant": spearman(fp32, quantized),
+            "goal": 0.9,
+            "split_half": {
+                "examples": [n_first, n_second],
+                "fp32_first_vs_second": spearman(halves["none"][0].scores, halves["none"][1].scores),
+                "quant_first_vs_second": spearman(halves[args.quant][0].scores, halves[args.quant][1].scores),
+                "fp32_vs_quant_first": spearman(halves["none"][0].scores, halves[args.quant][0].scores),
+                "fp32_vs_quant_second": spearman(halves["none"][1].scores, halves[args.quant][1].scores),
             },
-            indent=2,
-        )
+            "dequantized_check": check,
+            "top5_fp32": top(fp32),
+            "top5_quant": top(quantized),
+            "depth_shares_fp32": shares(fp32),
+            "depth_shares_quant": shares(quantized),
+            "scores_fp32": [round(s, 4) for s in fp32],
+            "scores_quant": [round(s, 4) for s in quantized],
+            "spearman_fisher_vs_block_influence_fp32": spearman(fp32, ref.block_influence),
+            "fisher_pass_seconds": seconds,
+        },
+        args.json_out,
     )
 
 

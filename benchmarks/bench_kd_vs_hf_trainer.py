@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from _results import add_json_out, emit
 
 
 def main() -> None:
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=0.5, help="peer: weight of CE (1 - alpha on KD)")
     parser.add_argument("overrides", nargs="*")
+    add_json_out(parser)
     args = parser.parse_args()
 
     from transformers import Trainer, TrainingArguments
@@ -154,26 +155,24 @@ def main() -> None:
             timings[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in timings.items()}
     tps = {k: tokens / v for k, v in med.items()}
-    print(
-        json.dumps(
-            {
-                "preset": args.preset,
-                "formulation": cfg.data.formulation,
-                "teacher": cfg.teacher.model,
-                "student_layers": layer_map,
-                "batch_rows": int(peer_inputs["input_ids"].shape[0]),
-                "batch_width": int(peer_inputs["input_ids"].shape[1]),
-                "tokens_per_step": tokens,
-                "threads": torch.get_num_threads(),
-                "reps": args.reps,
-                "seconds_per_step": timings,
-                "median_s": med,
-                "tokens_per_s": tps,
-                "speedup": tps["package"] / tps["hf_trainer"],
-                "goal": 1.3,
-            },
-            indent=2,
-        )
+    emit(
+        {
+            "preset": args.preset,
+            "formulation": cfg.data.formulation,
+            "teacher": cfg.teacher.model,
+            "student_layers": layer_map,
+            "batch_rows": int(peer_inputs["input_ids"].shape[0]),
+            "batch_width": int(peer_inputs["input_ids"].shape[1]),
+            "tokens_per_step": tokens,
+            "threads": torch.get_num_threads(),
+            "reps": args.reps,
+            "seconds_per_step": timings,
+            "median_s": med,
+            "tokens_per_s": tps,
+            "speedup": tps["package"] / tps["hf_trainer"],
+            "goal": 1.3,
+        },
+        args.json_out,
     )
 
 

@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--skip-activations", action="store_true")
     ap.add_argument("--out-dir", default="results/bench/planner_ranks")
-    ap.add_argument("--out", default=None, help="JSON file for the comparison (default: print only)")
+    ap.add_argument("--out", "--json-out", default=None, help="JSON file for the comparison (default: print only)")
     args = ap.parse_args()
     if args.worker:
         worker(args)

@@ -17,11 +17,11 @@ for mean, sum and pmi. ``--model random`` (default) is a random Llama (hidden 25
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+from _results import add_json_out, emit
 
 
 def load_model(name: str, attn: str):
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--unconditional-len", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    add_json_out(parser)
     args = parser.parse_args()
 
     from layerwise_dist.pointwise import pack_candidates, score_candidates, score_candidates_separately
@@ -115,30 +116,28 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "attn_implementation": args.attn,
-                "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-                "threads": torch.get_num_threads(),
-                "candidates": args.candidates,
-                "prefix_tokens": len(prefix),
-                "title_tokens": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
-                "tokens_processed": {
-                    "packed": tokens_packed,
-                    "separate": tokens_separate,
-                    "separate_batched_with_padding": tokens_batched,
-                    "ratio_separate_over_packed": round(tokens_separate / tokens_packed, 2),
-                },
-                "wall_ms_median": {k: round(v, 1) for k, v in med.items()},
-                "speedup_packed_vs_separate": round(med["separate"] / med["packed"], 2),
-                "speedup_packed_vs_separate_batched": round(med["separate_batched"] / med["packed"], 2),
-                "reps": args.reps,
-                "max_abs_diff_packed_vs_separate": diffs,
+    emit(
+        {
+            "model": args.model,
+            "attn_implementation": args.attn,
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "threads": torch.get_num_threads(),
+            "candidates": args.candidates,
+            "prefix_tokens": len(prefix),
+            "title_tokens": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
+            "tokens_processed": {
+                "packed": tokens_packed,
+                "separate": tokens_separate,
+                "separate_batched_with_padding": tokens_batched,
+                "ratio_separate_over_packed": round(tokens_separate / tokens_packed, 2),
             },
-            indent=2,
-        )
+            "wall_ms_median": {k: round(v, 1) for k, v in med.items()},
+            "speedup_packed_vs_separate": round(med["separate"] / med["packed"], 2),
+            "speedup_packed_vs_separate_batched": round(med["separate_batched"] / med["packed"], 2),
+            "reps": args.reps,
+            "max_abs_diff_packed_vs_separate": diffs,
+        },
+        args.json_out,
     )
 
 

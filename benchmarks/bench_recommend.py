@@ -13,11 +13,11 @@ alone).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+from _results import add_json_out, emit
 
 
 def main() -> None:
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("overrides", nargs="*")
+    add_json_out(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -63,26 +64,24 @@ def main() -> None:
         # n uniformly random untouched items hold the held-out one with probability n / untouched
         untouched = [len(split.all_items) - len(split.sequence(u)) + 1 for u in split.train]
         retrieval["hit_rate_random"] = statistics.mean(min(1.0, n / u) for u in untouched)
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "formulation": rec.data_config.formulation,
-                "threads": torch.get_num_threads(),
-                "serve.num_candidates": n,
-                "users": len(wall),
-                "load_s": round(load_s, 3),
-                "first_call_s": round(first_s, 3),
-                "wall_s_median": round(statistics.median(wall), 3),
-                "wall_s_max": round(max(wall), 3),
-                "cpu_s_median": round(statistics.median(cpu), 3),
-                "cpu_s_max": round(max(cpu), 3),
-                "retrieval": {k: round(v, 4) for k, v in retrieval.items()},
-                "catalogue": len(split.all_items),
-                "data_users": len(split.train),
-            },
-            indent=1,
-        )
+    emit(
+        {
+            "model": args.model,
+            "formulation": rec.data_config.formulation,
+            "threads": torch.get_num_threads(),
+            "serve.num_candidates": n,
+            "users": len(wall),
+            "load_s": round(load_s, 3),
+            "first_call_s": round(first_s, 3),
+            "wall_s_median": round(statistics.median(wall), 3),
+            "wall_s_max": round(max(wall), 3),
+            "cpu_s_median": round(statistics.median(cpu), 3),
+            "cpu_s_max": round(max(cpu), 3),
+            "retrieval": {k: round(v, 4) for k, v in retrieval.items()},
+            "catalogue": len(split.all_items),
+            "data_users": len(split.train),
+        },
+        args.json_out,
     )
 
 

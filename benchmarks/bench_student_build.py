@@ -30,7 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from _results import add_json_out, emit
 
 MIB = 2**20
 KINDS = ("runtime", "folder", "teacher")
@@ -82,10 +83,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="a teacher.model value")
     parser.add_argument("--layers", type=int, default=8, help="student layers, uniformly chosen")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--json-out", default="", help="also write the JSON here")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--layer-list", help=argparse.SUPPRESS)
+    add_json_out(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.folder, json.loads(args.layer_list))))
@@ -137,11 +138,7 @@ def main() -> None:
     result["peak_teacher_path_over_folder_path"] = (
         result["paths"]["teacher"]["peak_rss_mib"] / result["paths"]["folder"]["peak_rss_mib"]
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(text + "\n")
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from _results import add_json_out, emit
 
 
 def main() -> None:
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--ks", default="1,5,10,20")
     ap.add_argument("--seed", type=int, default=1234, help="data.seed (user sample, negatives, shuffling)")
     ap.add_argument("--n-boot", type=int, default=1000)
+    add_json_out(ap)
     args = ap.parse_args()
 
     from layerwise_dist.baselines import evaluate_baselines
@@ -166,7 +167,7 @@ def main() -> None:
     out["paired_ndcg@10"] = paired
     out["same_targets_across_formulations"] = bool(targets_match)
     out["total_wall_s"] = round(time.perf_counter() - t_start, 1)
-    print(json.dumps(out, indent=1))
+    emit(out, args.json_out, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""The benchmarks' JSON: printed, and with ``--json-out PATH`` also written there (``make bench`` writes
+``benchmarks/results/<name>.json``, which ``scripts/perf_table.py`` renders into the README).
+
+Every result gets a ``run`` entry: the command that produced it (without ``--json-out``), the thread
+settings, the host's CPU count, the versions and the UTC time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_json_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json-out", default="", help="also write the JSON result to this file")
+
+
+def run_info() -> dict[str, Any]:
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--json-out":
+            skip = True
+        elif not arg.startswith("--json-out="):
+            argv.append(arg)
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = shlex.join(["python", str(script), *argv])
+    info: dict[str, Any] = {
+        "command": (f"OMP_NUM_THREADS={threads} " if threads else "") + command,
+        "omp_num_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        info["transformers"] = transformers.__version__
+    return info
+
+
+def emit(result: dict[str, Any], json_out: str = "", indent: int | None = 2) -> None:
+    """Print ``result`` (plus its ``run`` entry) as JSON; also write it to ``json_out`` when given."""
+    text = json.dumps({**result, "run": run_info()}, indent=indent)
+    print(text)
+    if json_out:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
