@@ -347,6 +347,15 @@ def _dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
+def scoring_flops(shape: ModelShape, seq: int, answer_only: bool) -> float:
+    """Forward FLOPs of scoring one prompt of ``seq`` tokens: 2 x the layers' weights per token, causal
+    attention (scores and values), and the LM head at every position (full path) or at one (answer-only)."""
+    layer = sum(layer.params for layer in shape.layers)
+    attention = shape.num_layers * 2 * 2 * seq * (seq + 1) / 2 * shape.heads * shape.head_dim
+    head = 2 * shape.vocab * shape.hidden * (1 if answer_only else seq)
+    return 2 * layer * seq + attention + head
+
+
 def largest_module_params(shape: ModelShape) -> int:
     """Parameters of the largest module ZeRO-3 gathers at once: one decoder layer, the embedding or the head."""
     return max([layer.params for layer in shape.layers] + [shape.embed_params, shape.head_params])

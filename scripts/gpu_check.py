@@ -197,14 +197,6 @@ def flash_context(device: str):
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
 
-def scoring_flops(shape, seq: int, answer_only: bool) -> float:
-    """Forward FLOPs of one prompt: 2 x weights per token in the layers, causal attention, and the head."""
-    layer = sum(layer.params for layer in shape.layers)
-    attention = shape.num_layers * 2 * 2 * seq * (seq + 1) / 2 * shape.heads * shape.head_dim
-    head = 2 * shape.vocab * shape.hidden * (1 if answer_only else seq)
-    return 2 * layer * seq + attention + head
-
-
 def _mem(device: str) -> int:
     import torch
 
@@ -360,9 +352,9 @@ def part_models(args) -> dict:
             row = {"seconds": t}
             for path in ("full", "answer_only"):
                 row[f"speedup_{path}"] = t[f"teacher_{path}"] / t[f"student_{path}"]
-                row[f"flop_bound_{path}"] = scoring_flops(tshape, seq, path == "answer_only") / scoring_flops(
-                    sshape, seq, path == "answer_only"
-                )
+                row[f"flop_bound_{path}"] = planner.scoring_flops(
+                    tshape, seq, path == "answer_only"
+                ) / planner.scoring_flops(sshape, seq, path == "answer_only")
             row["answer_only_over_full_teacher"] = t["teacher_full"] / t["teacher_answer_only"]
             if dev == "cuda":
                 row["peak_bytes"] = peaks  # weights + the forward's peak activations (answer-only path)
