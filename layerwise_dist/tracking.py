@@ -10,10 +10,21 @@ By default runs go to a SQLite store inside the results folder,
 ``<results_dir>/mlartifacts``; :func:`mlflow_ui_command` prints the command that
 browses them.
 
-Metric names: MLflow accepts letters, digits, ``_ - . / :`` and spaces, so
-``hr@10`` is logged as ``hr_at_10`` (:func:`metric_name`). Nested dicts are
-flattened to ``section.key``; a ``None`` metric (a figure this machine could not
-measure) is not logged.
+Names: MLflow accepts letters, digits, ``_ - . / :`` and spaces, so ``hr@10`` is
+logged as ``hr_at_10`` (:func:`metric_name`). Metrics follow one scheme,
+``<phase>/<what>``, nested dicts joined with ``/``: ``train/kd``, ``valid/ndcg_at_10``,
+``eval/student/ndcg_at_10``, ``eval/comparison/retained/ndcg_at_10``,
+``fisher/top30_share``, ``adapt/loss``. Params keep the config's dotted keys
+(``train.lr``, as on the command line). A ``None`` metric (a figure this machine
+could not measure) is not logged.
+
+The experiment is tagged ``mlflow.experimentKind=custom_model_development``, so
+MLflow 3's UI opens it in the model-training view (runs, charts, compare), not the
+GenAI one. :meth:`MLflowTracker.nested` opens a run under this one (a pipeline
+stage, an ablation cell); :meth:`MLflowTracker.log_input` records a data set with
+its digest; :func:`save_run_file` / :func:`read_run_file` keep a run's id in its
+output folder so that a resumed job continues the same MLflow run;
+:func:`source_tags` names the git commit and entry point.
 
 Tracking never kills or stalls training:
 
@@ -45,6 +56,8 @@ environment unless already set: retries are the buffer thread's job.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import numbers
@@ -70,6 +83,9 @@ _METRIC_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 _BAD_NAME_CHARS = re.compile(r"[^\w\-./: ]")
 _MAX_BACKOFF_S = 4.0  # longest wait between two delivery attempts while the server is away
 BUFFER_NAME = "tracking_buffer.jsonl"
+RUN_FILE = "mlflow_run.json"  # a run folder's MLflow run ids: a resumed job continues those runs
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI picks the experiment's view by it
+EXPERIMENT_KIND = "custom_model_development"  # the model-training view (the other: "genai_development")
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +95,14 @@ class TrackingError(RuntimeError):
     a run to resume that the store does not have, or a buffer that cannot be replayed."""
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``; lists and scalars are leaves."""
+def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (``sep="/"``: ``train/lr``); lists and scalars
+    are leaves."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
+            out.update(flatten(value, name + sep, sep))
         else:
             out[name] = value
     return out
@@ -110,6 +127,168 @@ def mlflow_ui_command(results_dir: str | Path, port: int = 5000) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port {port}"
 
 
+def git_commit(folder: str | Path | None = None) -> tuple[str, bool] | None:
+    """``(commit, dirty)`` of the git checkout holding ``folder`` (default: this package's source), or of the
+    working directory; ``None`` outside git (an installed wheel run from elsewhere) or without ``git``."""
+    import subprocess
+
+    for where in (Path(folder) if folder else Path(__file__).resolve().parent, Path.cwd()):
+        try:
+            commit = subprocess.run(
+                ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            )
+            if commit.returncode != 0:
+                continue
+            status = subprocess.run(
+                ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return commit.stdout.strip(), bool(status.stdout.strip())
+    return None
+
+
+def entry_point_name(job: str, argv0: str | None = None) -> str:
+    """What started the run: ``layerwise-dist pipeline`` (the CLI, also its deepspeed workers), or the script
+    a launcher ran (``launchers/pipeline.py``), relative to the working directory when under it."""
+    import sys
+
+    script = Path(argv0 if argv0 is not None else (sys.argv[0] if sys.argv and sys.argv[0] else "python"))
+    if script.name in ("layerwise-dist", "worker.py", "cli.py", "__main__.py", "-c", "python", ""):
+        return f"layerwise-dist {job}".strip()
+    try:
+        return str(script.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(script)
+
+
+def source_tags(job: str) -> dict[str, str]:
+    """MLflow's own source tags: entry point (``mlflow.source.name``, ``mlflow.project.entryPoint``), git commit
+    (``mlflow.source.git.commit``, with ``git.dirty`` when tracked files differ from it)."""
+    tags = {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": entry_point_name(job),
+        "mlflow.project.entryPoint": job,
+    }
+    found = git_commit()
+    if found is not None:
+        tags["mlflow.source.git.commit"] = found[0]
+        tags["git.dirty"] = str(found[1]).lower()
+    return tags
+
+
+def dataset_record(splits: Any, data_cfg: Any) -> dict[str, str]:
+    """The run's data set as MLflow records it (``mlflow.log_input``): name, digest of the split's content
+    (users' sequences, held-out items, titles: any change of data or split changes it), source and profile."""
+    content = json.dumps(
+        [splits.category, splits.train, splits.valid, splits.test, splits.titles], sort_keys=True, ensure_ascii=True
+    )
+    digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+    where = data_cfg.reviews or data_cfg.source
+    profile = {
+        "users": len(splits.train),
+        "items": len(splits.all_items),
+        "train_interactions": sum(len(v) for v in splits.train.values()),
+        "category": splits.category,
+    }
+    return {
+        "name": f"{data_cfg.source}:{splits.category}",
+        "digest": digest,
+        "source_type": "local" if data_cfg.reviews else "code",
+        "source": json.dumps({"uri": str(where), "meta": data_cfg.meta or None}),
+        "profile": json.dumps(profile),
+    }
+
+
+def save_run_file(run_dir: str | Path, tracker: Tracker, stages: Mapping[str, str] | None = None) -> Path | None:
+    """Write ``<run_dir>/mlflow_run.json``: the store, the run id and its nested stage runs (a resumed job
+    continues them). Nothing when the tracker has no run id (disabled, another rank, store not reached yet)."""
+    run_id = getattr(tracker, "run_id", None)
+    if not run_id:
+        return None
+    path = Path(run_dir) / RUN_FILE
+    data = {"tracking_uri": getattr(tracker, "tracking_uri", ""), "run_id": run_id, "stages": dict(stages or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_file(run_dir: str | Path, tracking_uri: str) -> dict[str, Any] | None:
+    """The runs ``save_run_file`` recorded in ``run_dir`` for this store; ``None`` when there are none, or they
+    belong to another store (a new run is made there)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("tracking: %s unreadable (%s); a new MLflow run is made", path, exc)
+        return None
+    if str(data.get("tracking_uri", "")).rstrip("/") != tracking_uri.rstrip("/"):
+        log.warning(
+            "tracking: %s is for %s, not %s; a new MLflow run is made", path, data.get("tracking_uri"), tracking_uri
+        )
+        return None
+    data.setdefault("stages", {})
+    return data
+
+
+def effective_uri(cfg: TrackingConfig, results_dir: str | Path) -> str:
+    """The store a run with this config and results folder logs to."""
+    return cfg.tracking_uri or default_tracking_uri(results_dir)
+
+
+FISHER_COLUMNS = ("layer", "fisher", "share", "rank", "block_influence", "angular_distance")
+
+
+def fisher_table(profile: Any) -> list[dict[str, Any]]:
+    """The Fisher profile as table rows, one per teacher layer: score, share of the total, rank (1 = most
+    Fisher information), and the redundancy controls when measured (else empty)."""
+    scores = [float(x) for x in profile.scores]
+    total = sum(scores)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    rank = {layer: r + 1 for r, layer in enumerate(order)}
+    rows = []
+    for i, score in enumerate(scores):
+        row = {"layer": i, "fisher": score, "share": score / total if total > 0 else None, "rank": rank[i]}
+        for name in ("block_influence", "angular_distance"):
+            values = getattr(profile, name, None) or []
+            row[name] = float(values[i]) if values else None
+        for module, values in sorted((getattr(profile, "module_scores", None) or {}).items()):
+            row[f"fisher_{module}"] = float(values[i])
+        rows.append(row)
+    return rows
+
+
+def log_fisher_profile(tracker: Tracker, profile: Any, folder: str | Path) -> dict[str, Path]:
+    """The Fisher profile as one chart and one table: ``<folder>/fisher_profile.{json,png,csv}`` written (the
+    JSON and PNG when missing) and logged under the run's ``fisher/`` artifacts, plus two scalars
+    (``fisher/top30_share``, ``fisher/bottom30_share``) rather than one metric per layer."""
+    import csv
+
+    folder = Path(folder)
+    paths = {"json": folder / "fisher_profile.json", "png": folder / "fisher_profile.png"}
+    if not paths["json"].is_file():
+        profile.save_json(paths["json"])
+    if not paths["png"].is_file():
+        profile.plot(paths["png"])
+    rows = fisher_table(profile)
+    paths["csv"] = folder / "fisher_profile.csv"
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(FISHER_COLUMNS))
+        writer.writeheader()
+        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+    for path in paths.values():
+        tracker.log_artifact(path, "fisher")
+    top, bottom = profile.depth_shares(0.3)
+    tracker.log_metrics({"fisher": {"top30_share": top, "bottom30_share": bottom}})
+    return paths
+
+
 class Tracker:
     """Where a run's params, metrics and artifacts go. This base class discards everything.
 
@@ -130,6 +309,22 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
+
+    def log_input(self, dataset: Mapping[str, Any], context: str = "train") -> None:
+        pass
+
+    def nested(
+        self,
+        run_name: str,
+        run_dir: str | Path,
+        run_id: str | None = None,
+        buffer_name: str = BUFFER_NAME,
+        tags: Mapping[str, Any] | None = None,
+    ) -> Tracker:
+        return NullTracker()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return True
 
     def end(self, status: str = "FINISHED") -> None:
         pass
@@ -285,16 +480,21 @@ def _permanent(exc: BaseException) -> bool:
 
 
 def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created when missing; tagged as model training (MLflow 3's classic view) unless
+    it already says what kind it is."""
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:
-        found = client.get_experiment_by_name(name)  # created meanwhile by another run
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        except Exception:
+            found = client.get_experiment_by_name(name)  # created meanwhile by another run
+            if found is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in (found.tags or {}):  # made by an older version, or by hand
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 class _Sender:
@@ -365,6 +565,14 @@ class _Sender:
                 client.log_artifact(run_id, path, artifact_path)
             else:
                 raise FileNotFoundError(f"artifact {path} no longer exists")
+        elif kind == "input":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            [record] = items
+            d = record["dataset"]
+            dataset = Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"), d.get("profile"))
+            tags = [InputTag("mlflow.data.context", record["context"])] if record.get("context") else []
+            client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
         elif kind == "end":
             [(status, end_time)] = items
             client.set_terminated(run_id, status=status, end_time=end_time)
@@ -391,7 +599,9 @@ class _Sender:
                     raise TrackingError(f"tracking.run_id {resume}: no such run in {self.uri}") from None
                 log.warning("tracking: run %s to resume is not in %s; logging to a new run", resume, self.uri)
         experiment = _experiment_id(self.client, record["experiment"], record.get("artifact_location"))
-        run = self.client.create_run(experiment, start_time=record.get("start_time"), run_name=record.get("run_name"))
+        run = self.client.create_run(
+            experiment, start_time=record.get("start_time"), run_name=record.get("run_name"), tags=record.get("tags")
+        )
         self._opened(run.info.run_id)
 
     def _opened(self, run_id: str) -> None:
@@ -446,12 +656,12 @@ _ACTIVE_BUFFERS: set[Path] = set()  # buffers of this process's open trackers
 _ACTIVE_LOCK = threading.Lock()
 
 
-def _claim_buffer(folder: Path, fixed_name: bool) -> Path:
-    """The buffer file of a new run: ``<folder>/tracking_buffer.jsonl`` (``fixed_name``: the run folder) or a
+def _claim_buffer(folder: Path, fixed_name: bool, name: str = BUFFER_NAME) -> Path:
+    """The buffer file of a new run: ``<folder>/<name>`` (``fixed_name``: the run folder) or a
     name of its own; a buffer a previous process left behind is moved aside (and said so), never mixed in."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with _ACTIVE_LOCK:
-        candidates = [folder / BUFFER_NAME] if fixed_name else [folder / f"tracking_buffer-{stamp}-{os.getpid()}.jsonl"]
+        candidates = [folder / name] if fixed_name else [folder / f"tracking_buffer-{stamp}-{os.getpid()}.jsonl"]
         candidates += [folder / f"tracking_buffer-{stamp}-{os.getpid()}-{i}.jsonl" for i in range(1, 1000)]
         for path in candidates:
             if path in _ACTIVE_BUFFERS:
@@ -497,12 +707,17 @@ class MLflowTracker(Tracker):
         run_name: name of a new run (``cfg.run_name`` wins when set).
         run_id: resume this run instead of starting one (``cfg.run_id`` when empty).
         rank: process rank (default: from the process group or ``RANK``).
-        run_dir: the run's own folder; the buffer is ``<run_dir>/tracking_buffer.jsonl``. Without it the
+        run_dir: the run's own folder; the buffer is ``<run_dir>/<buffer_name>``. Without it the
             buffer is ``<results_dir>/tracking_buffer-<time>-<pid>.jsonl``.
+        parent_run_id: make the new run a nested run of this one (``mlflow.parentRunId``).
+        tags: tags the new run is created with.
+        strict_resume: a ``run_id`` the store does not have is an error (True) or gives a new run with a
+            warning (False: the run id a resumed job found in its folder, perhaps from another store).
+        buffer_name: the buffer's file name inside ``run_dir``.
 
     Raises:
         TrackingError: ``tracking.required`` and the server does not answer at start, or ``run_id`` names a
-            run the (reachable) store does not have.
+            run the (reachable) store does not have (``strict_resume``).
     """
 
     def __init__(
@@ -513,9 +728,14 @@ class MLflowTracker(Tracker):
         run_id: str | None = None,
         rank: int | None = None,
         run_dir: str | Path | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        strict_resume: bool = True,
+        buffer_name: str = BUFFER_NAME,
     ) -> None:
         self.rank = distributed.rank() if rank is None else rank
         self.run_id = None
+        self.cfg = cfg
         self._ended = True
         self._journal: _Journal | None = None
         if self.rank != 0:
@@ -542,7 +762,10 @@ class MLflowTracker(Tracker):
             "run_id": run_id or cfg.run_id or None,
             "artifact_location": root.as_uri() if root is not None else None,
             "start_time": _now_ms(),
+            "tags": {metric_name(k): str(v) for k, v in (tags or {}).items()},
         }
+        if parent_run_id:
+            header["tags"]["mlflow.parentRunId"] = parent_run_id
         reason = None
         if remote:
             reason = unreachable_reason(self.tracking_uri, float(_cfg(cfg, "connect_timeout_s", 3.0)))
@@ -550,11 +773,13 @@ class MLflowTracker(Tracker):
                 raise TrackingError(
                     f"tracking server {self.tracking_uri} unreachable ({reason}) and tracking.required=true"
                 )
-        self.buffer_path = _claim_buffer(Path(run_dir).resolve() if run_dir else self.results_dir, bool(run_dir))
+        self.buffer_path = _claim_buffer(
+            Path(run_dir).resolve() if run_dir else self.results_dir, bool(run_dir), buffer_name
+        )
         journal = _Journal(self.buffer_path)
         try:
             journal.append([header])
-            self._sender = _Sender(journal, self.tracking_uri, on_run=self._set_run_id, strict_resume=True)
+            self._sender = _Sender(journal, self.tracking_uri, on_run=self._set_run_id, strict_resume=strict_resume)
             if reason is None:
                 try:
                     self._sender.deliver()  # opens the run now, so run_id is known at once
@@ -698,7 +923,7 @@ class MLflowTracker(Tracker):
             return
         now = _now_ms()
         items = []
-        for key, value in flatten(metrics).items():
+        for key, value in flatten(metrics, sep="/").items():
             if value is None:
                 continue
             if hasattr(value, "item") and callable(value.item):  # 0-d tensors and numpy scalars
@@ -724,6 +949,46 @@ class MLflowTracker(Tracker):
         items = [[metric_name(k), str(v)] for k, v in flatten(tags).items()]
         if items:
             self._put({"t": "tags", "p": items})
+
+    def log_input(self, dataset: Mapping[str, Any], context: str = "train") -> None:
+        """Record a data set the run used (``mlflow.log_input``): ``dataset`` as :func:`dataset_record` gives it."""
+        if not self.active:
+            return
+        missing = [k for k in ("name", "digest", "source_type", "source") if not dataset.get(k)]
+        if missing:
+            raise ValueError(f"dataset record lacks {', '.join(missing)}")
+        self._put({"t": "input", "dataset": dict(dataset), "context": context})
+
+    def nested(
+        self,
+        run_name: str,
+        run_dir: str | Path,
+        run_id: str | None = None,
+        buffer_name: str = BUFFER_NAME,
+        tags: Mapping[str, Any] | None = None,
+    ) -> Tracker:
+        """A run nested under this one (a pipeline stage), in the same store and experiment; ``run_id``: continue
+        that nested run (a resumed job). Its buffer is ``<run_dir>/<buffer_name>``. Waits until this run exists
+        in the store (at most ``tracking.flush_timeout_s``); when it does not yet (server away) the nested run
+        is made without a parent link, with a warning."""
+        if not self.active:
+            return NullTracker()
+        self.flush(self.flush_timeout_s)
+        if self.run_id is None:
+            log.warning("tracking: run not created yet (store unreachable); %r is logged as a top-level run", run_name)
+        cfg = dataclasses.replace(self.cfg, tracking_uri=self.tracking_uri, run_id="", run_name="")
+        return MLflowTracker(
+            cfg,
+            self.results_dir,
+            run_name=run_name,
+            run_id=run_id,
+            rank=self.rank,
+            run_dir=run_dir,
+            parent_run_id=self.run_id,
+            tags=tags,
+            strict_resume=False,
+            buffer_name=buffer_name,
+        )
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED and wait at most ``tracking.flush_timeout_s`` for the buffer
@@ -822,12 +1087,18 @@ def make_tracker(
     run_name: str = "",
     rank: int | None = None,
     run_dir: str | Path | None = None,
+    run_id: str | None = None,
+    strict_resume: bool = True,
 ) -> Tracker:
     """An :class:`MLflowTracker` on rank 0 with tracking enabled, else a :class:`NullTracker`.
 
     ``run_dir``: the run's folder, home of its buffer ``tracking_buffer.jsonl`` (see :class:`MLflowTracker`).
+    ``run_id``: continue this run (``tracking.run_id`` when empty); ``strict_resume``: one the store does not
+    have is an error (else a new run, with a warning).
     """
     rank = distributed.rank() if rank is None else rank
     if not cfg.enabled or rank != 0:
         return NullTracker()
-    return MLflowTracker(cfg, results_dir, run_name=run_name, rank=rank, run_dir=run_dir)
+    return MLflowTracker(
+        cfg, results_dir, run_name=run_name, run_id=run_id, rank=rank, run_dir=run_dir, strict_resume=strict_resume
+    )

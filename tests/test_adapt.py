@@ -333,9 +333,11 @@ def test_pipeline_runs_on_the_adapted_teacher(tmp_path):
     assert json.loads((run / "student" / "config.json").read_text())["layerwise_dist"]["teacher"] == merged
     assert results["teacher"]["n"] == 16 and results["setup"]["teacher"]["zero3_partitioned"] is True
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir}/mlflow.db")
-    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("layerwise_dist").experiment_id])
-    assert mlflow_run.data.params["resolved.adapted_teacher"] == merged
-    assert len(client.get_metric_history(mlflow_run.info.run_id, "adapt/loss")) == 2
+    runs = client.search_runs([client.get_experiment_by_name("layerwise_dist").experiment_id])
+    stages = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}  # nested under the job
+    assert len(runs) == 5 and set(stages) == {"adapt", "fisher", "distill", "evaluate"}
+    assert stages["adapt"].data.params["resolved.adapted_teacher"] == merged
+    assert len(client.get_metric_history(stages["adapt"].info.run_id, "adapt/loss")) == 2
 
 
 @pytest.mark.integration

@@ -116,14 +116,16 @@ def test_pipeline_cli_tracks_in_mlflow(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir}/mlflow.db")
     exp = client.get_experiment_by_name("layerwise_dist")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    [run] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the job; a nested run per stage
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+    assert len(runs) == 4 and set(stages) == {"fisher", "distill", "evaluate"}
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "4"
-    assert "teacher/hr_at_10" in run.data.metrics and "student/hr_at_10" in run.data.metrics
-    assert len(client.get_metric_history(run.info.run_id, "train/total")) == 4
+    assert "eval/teacher/hr_at_10" in run.data.metrics and "eval/student/hr_at_10" in run.data.metrics
+    assert len(client.get_metric_history(stages["distill"].info.run_id, "train/total")) == 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"report.md", "report.png", "fisher_profile.json", "config.yaml"} <= artifacts
+    assert {"report.md", "report.png", "config.yaml", "model"} <= artifacts
+    assert "fisher" in {a.path for a in client.list_artifacts(stages["fisher"].info.run_id)}
     # Every stage's wall time and peak RSS on each of the 2 ranks; the teacher engine is gone before evaluation.
     stages = json.loads((results_dir / "tiny" / "results.json").read_text())["memory"]["stages"]
     assert list(stages) == ["setup", "fisher", "distill", "evaluate"]

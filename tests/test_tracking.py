@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,15 +22,26 @@ from layerwise_dist.evaluation import compare
 from layerwise_dist.report import results_table, write_report
 from layerwise_dist.tracking import (
     BUFFER_NAME,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    RUN_FILE,
     MLflowTracker,
     NullTracker,
     TrackingError,
+    dataset_record,
     default_tracking_uri,
+    entry_point_name,
+    fisher_table,
     flatten,
+    git_commit,
+    log_fisher_profile,
     make_tracker,
     metric_name,
     mlflow_ui_command,
+    read_run_file,
     replay,
+    save_run_file,
+    source_tags,
 )
 
 
@@ -54,6 +66,7 @@ def test_names_and_flatten():
     assert metric_name("hr@10") == "hr_at_10"
     assert metric_name("retained.ndcg@5") == "retained.ndcg_at_5"
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+    assert flatten({"eval": {"student": {"ndcg@10": 0.5}}}, sep="/") == {"eval/student/ndcg@10": 0.5}
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
@@ -146,7 +159,7 @@ def test_log_and_read_back(store, client, tmp_path):
     assert run.data.params["data.num_candidates"] == "20"
     assert run.data.tags["strategy"] == "fisher"
     assert run.data.metrics["hr_at_1"] == 0.5 and "memory" not in run.data.metrics
-    history = client.get_metric_history(run_id, "loss.total")
+    history = client.get_metric_history(run_id, "loss/total")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
     assert _artifacts(client, run_id) == {"note.txt", "notes/note.txt"}
     local = client.download_artifacts(run_id, "notes/note.txt", str(tmp_path / "download"))
@@ -178,12 +191,12 @@ def test_resume_and_compare_runs(store, client, tmp_path):
         md, png = write_report({"teacher": teacher, "student": student}, tmp_path / "report")
         tracker.log_artifact(md.parent, "report")
     exp = client.get_experiment_by_name("compare")
-    found = client.search_runs([exp.experiment_id], order_by=["metrics.`comparison.retained.hr_at_1` DESC"])
+    found = client.search_runs([exp.experiment_id], order_by=["metrics.`comparison/retained/hr_at_1` DESC"])
     assert [r.info.run_name for r in found] == ["fisher", "linear"]
     best = client.get_run(runs["fisher"])
-    assert best.data.metrics["comparison.retained.hr_at_1"] == pytest.approx(0.9)
-    assert best.data.metrics["comparison.speedup"] == pytest.approx(3.0)
-    assert best.data.metrics["comparison.memory_reduction.memory_model_bytes"] == pytest.approx(0.75)
+    assert best.data.metrics["comparison/retained/hr_at_1"] == pytest.approx(0.9)
+    assert best.data.metrics["comparison/speedup"] == pytest.approx(3.0)
+    assert best.data.metrics["comparison/memory_reduction/memory_model_bytes"] == pytest.approx(0.75)
     assert best.data.metrics["extra"] == 1.0 and best.info.status == "FINISHED"
     assert {"report/report.md", "report/report.png"} <= _artifacts(client, runs["fisher"])
 
@@ -550,3 +563,222 @@ def test_replay_continues_the_run_it_was_cut_from(tmp_path, server):
     history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in history] == [(s, float(s)) for s in range(6)]  # none twice, none lost
     assert client.get_run(run_id).info.status == "FAILED" and not buffer.exists()
+
+
+# --- MLflow that reads well in the UI (issue 13.4) ---------------------------------------------------------
+
+
+def test_experiment_is_tagged_for_model_training(store, client):
+    """New experiments open in MLflow 3's model-training view; an old untagged one gets the tag, a chosen
+    kind is kept."""
+    with MLflowTracker(TrackingConfig(experiment="kind-new"), store, rank=0) as tracker:
+        tracker.log_metrics({"x": 1.0})
+    assert client.get_experiment_by_name("kind-new").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert EXPERIMENT_KIND == "custom_model_development"
+    client.create_experiment("kind-old")  # as an earlier version made it: no kind
+    client.create_experiment("kind-genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("kind-old", "kind-genai"):
+        with MLflowTracker(TrackingConfig(experiment=name), store, rank=0) as tracker:
+            tracker.log_metrics({"x": 1.0})
+    assert client.get_experiment_by_name("kind-old").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert client.get_experiment_by_name("kind-genai").tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_fisher_profile_is_one_chart_and_one_table(store, client, tmp_path):
+    from layerwise_dist.fisher import FisherProfile
+
+    profile = FisherProfile(
+        scores=[1.0, 4.0, 3.0, 2.0],
+        block_influence=[0.1, 0.2, 0.3, 0.4],
+        angular_distance=[0.5, 0.6, 0.7, 0.8],
+        model_id="tiny",
+    )
+    rows = fisher_table(profile)
+    assert [r["rank"] for r in rows] == [4, 1, 2, 3]
+    assert [r["share"] for r in rows] == pytest.approx([0.1, 0.4, 0.3, 0.2])
+    assert rows[2]["block_influence"] == 0.3 and rows[0]["angular_distance"] == 0.5
+    with MLflowTracker(TrackingConfig(experiment="fisher"), store, rank=0) as tracker:
+        paths = log_fisher_profile(tracker, profile, tmp_path)
+    assert _artifacts(client, tracker.run_id) == {
+        "fisher/fisher_profile.json",
+        "fisher/fisher_profile.png",
+        "fisher/fisher_profile.csv",
+    }
+    lines = paths["csv"].read_text().splitlines()
+    assert lines[0] == "layer,fisher,share,rank,block_influence,angular_distance"
+    assert lines[2] == "1,4.0,0.4,1,0.2,0.6"
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert set(client.get_run(tracker.run_id).data.metrics) == {"fisher/top30_share", "fisher/bottom30_share"}
+
+
+def test_nested_run_dataset_input_and_run_file(store, client, tmp_path):
+    """A nested stage run under its job's run, the data set as a run input with its digest, and the run file
+    that a resumed job reads (only for the store it was written for)."""
+    from layerwise_dist.config import DataConfig
+    from layerwise_dist.data.splits import SplitData
+
+    splits = SplitData(
+        train={"u1": ["a", "b"], "u2": ["b"]},
+        valid={"u1": "c", "u2": "a"},
+        test={"u1": "d", "u2": "c"},
+        titles={i: i.upper() for i in "abcd"},
+        category="Toys",
+    )
+    record = dataset_record(splits, DataConfig())
+    assert record["name"] == "embedded:Toys" and len(record["digest"]) == 16
+    changed = SplitData(**{**splits.__dict__, "test": {"u1": "d", "u2": "b"}, "all_items": []})
+    assert dataset_record(changed, DataConfig())["digest"] != record["digest"]  # the digest follows the data
+    assert json.loads(record["profile"]) == {"users": 2, "items": 4, "train_interactions": 3, "category": "Toys"}
+
+    run_dir = tmp_path / "run"
+    with MLflowTracker(TrackingConfig(experiment="nested"), store, run_name="job", rank=0, run_dir=run_dir) as job:
+        job.log_input(record, context="train")
+        with pytest.raises(ValueError, match="digest"):
+            job.log_input({**record, "digest": ""})
+        stage = job.nested("distill", run_dir, buffer_name="tracking_buffer.distill.jsonl", tags={"stage": "distill"})
+        with stage:
+            stage.log_metrics({"train": {"kd": 0.5}}, step=1)
+        path = save_run_file(run_dir, job, {"distill": stage.run_id})
+    assert path == run_dir / RUN_FILE
+    parent, child = client.get_run(job.run_id), client.get_run(stage.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == job.run_id and child.data.tags["stage"] == "distill"
+    assert child.info.run_name == "distill" and child.info.experiment_id == parent.info.experiment_id
+    assert child.data.metrics == {"train/kd": 0.5}
+    [given] = parent.inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest) == ("embedded:Toys", record["digest"])
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "train")]
+    found = read_run_file(run_dir, default_tracking_uri(store))
+    assert found == {
+        "tracking_uri": default_tracking_uri(store),
+        "run_id": job.run_id,
+        "stages": {"distill": stage.run_id},
+    }
+    assert read_run_file(run_dir, "http://127.0.0.1:1") is None  # another store: a new run there
+    assert save_run_file(run_dir, NullTracker()) is None
+
+
+def test_resume_from_the_run_file_continues_the_run(store, client, tmp_path):
+    """The run id a resumed job found in its folder: the same run goes RUNNING again, then FINISHED; an id the
+    store does not have gives a new run (a warning), where tracking.run_id given by hand is an error."""
+    with MLflowTracker(TrackingConfig(experiment="resume"), store, run_name="first", rank=0) as tracker:
+        tracker.log_metrics({"train/total": 2.0}, step=1)
+    first = client.get_run(tracker.run_id)
+    again = make_tracker(TrackingConfig(experiment="resume"), store, rank=0, run_id=tracker.run_id, strict_resume=False)
+    assert again.run_id == tracker.run_id and client.get_run(tracker.run_id).info.status == "RUNNING"
+    again.log_metrics({"train/total": 1.0}, step=2)
+    again.end()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time >= first.info.end_time
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "train/total")] == [1, 2]
+    missing = "0" * 32
+    lenient = make_tracker(TrackingConfig(experiment="resume"), store, rank=0, run_id=missing, strict_resume=False)
+    with lenient:
+        assert lenient.run_id not in (None, missing)
+    with pytest.raises(TrackingError, match="no such run"):
+        make_tracker(TrackingConfig(experiment="resume", run_id=missing), store, rank=0)
+
+
+def test_source_tags_name_the_commit_and_entry_point(tmp_path):
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    tags = source_tags("pipeline")
+    assert tags["mlflow.source.git.commit"] == head and tags["git.dirty"] in ("true", "false")
+    assert tags["mlflow.project.entryPoint"] == "pipeline" and tags["mlflow.source.type"] == "LOCAL"
+    assert git_commit(tmp_path) is None or git_commit(tmp_path)[0] == head  # tmp: not git, so the cwd's checkout
+    assert entry_point_name("pipeline", "/x/.venv/bin/layerwise-dist") == "layerwise-dist pipeline"
+    assert entry_point_name("pipeline", str(REPO / "layerwise_dist" / "worker.py")) == "layerwise-dist pipeline"
+    assert entry_point_name("distill", "/elsewhere/train.py") == "/elsewhere/train.py"
+
+
+def test_save_student_model_needs_a_saved_student(tmp_path):
+    from layerwise_dist.mlflow_model import save_student_model
+
+    with pytest.raises(FileNotFoundError, match="no saved student"):
+        save_student_model(tmp_path, tmp_path / "model", {})
+
+
+@pytest.mark.integration
+def test_pipeline_reads_well_in_the_mlflow_ui(tmp_path, server, monkeypatch):
+    """The tiny pipeline against a real `mlflow server` on 127.0.0.1, stopped after 2 of 4 steps and resumed,
+    checked through MlflowClient: experiment kind, one job run with a nested run per stage, source, teacher,
+    student and data set tags, the data set as a run input with its digest, the Fisher profile as chart and
+    table (no per-layer metrics), metric names of one scheme, the student as a loadable pyfunc model, and the
+    resumed job continuing the same runs."""
+    import pandas as pd
+
+    from conftest import run_cli
+    from layerwise_dist.config import load_config
+    from layerwise_dist.data import load_splits
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    out_dir = tmp_path / "results" / "tiny"
+    common = [
+        "pipeline",
+        "--preset",
+        "tiny",
+        "--nproc",
+        "1",
+        f"output_dir={out_dir}",
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={server.url}",
+        "tracking.experiment=ui-check",
+        "tracking.required=true",
+    ]
+    t0 = time.monotonic()
+    first = run_cli([*common, "train.stop_at_step=2"])
+    assert first.returncode == 0, first.stderr[-4000:]
+    saved = json.loads((out_dir / RUN_FILE).read_text())
+    client = mlflow.MlflowClient(tracking_uri=server.url)
+    first_end = client.get_run(saved["run_id"]).info.end_time
+    resumed = run_cli([*common, "train.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    print(f"two pipeline parts: {time.monotonic() - t0:.0f} s")
+    assert json.loads((out_dir / RUN_FILE).read_text()) == saved  # the resumed job continued the same runs
+    assert not list(out_dir.glob("tracking_buffer*"))  # every record delivered
+
+    exp = client.get_experiment_by_name("ui-check")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    [job] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == job.info.run_id}
+    assert len(runs) == 4 and set(stages) == {"fisher", "distill", "evaluate"}
+    assert job.info.run_id == saved["run_id"] and {n: r.info.run_id for n, r in stages.items()} == saved["stages"]
+    assert all(r.info.status == "FINISHED" for r in runs) and job.info.end_time > first_end
+
+    tags = job.data.tags
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["mlflow.source.name"] == "layerwise-dist pipeline" and tags["mlflow.project.entryPoint"] == "pipeline"
+    assert tags["teacher"] == "tiny" and tags["student.num_layers"] == "2" and tags["resumed"] == "true"
+    assert json.loads(tags["student.layers"]) == json.loads((out_dir / "layer_weights.json").read_text())["layer_map"]
+    [given] = job.inputs.dataset_inputs
+    assert given.dataset.name == tags["dataset"] == "embedded:All_Beauty"
+    assert given.dataset.digest == tags["dataset.digest"]
+    assert (
+        given.dataset.digest
+        == dataset_record(load_splits(load_config("tiny").data), load_config("tiny").data)["digest"]
+    )
+    assert job.data.params["train.max_steps"] == "4" and "train.resume" in job.data.params
+
+    fisher = stages["fisher"]
+    assert {"fisher/fisher_profile.png", "fisher/fisher_profile.csv", "fisher/fisher_profile.json"} <= _artifacts(
+        client, fisher.info.run_id
+    )
+    every_metric = [k for r in runs for k in r.data.metrics]
+    assert set(fisher.data.metrics) == {"fisher/top30_share", "fisher/bottom30_share"}
+    assert not [k for k in every_metric if k.startswith("fisher/layer")]
+    scheme = re.compile(r"^(train|valid|eval|fisher|adapt)(/[a-z0-9_]+)+$")
+    assert [k for k in every_metric if not scheme.match(k)] == []
+    distill = stages["distill"].info.run_id
+    assert [m.step for m in client.get_metric_history(distill, "train/kd")] == [1, 2, 3, 4]  # both parts, once
+    assert "valid/ndcg_at_10" in stages["distill"].data.metrics
+    for name in ("eval/student/ndcg_at_10", "eval/teacher/ndcg_at_10", "eval/comparison/retained/ndcg_at_10"):
+        assert name in job.data.metrics and name in stages["evaluate"].data.metrics
+    assert {"config.yaml", "results.json", "report.md", "model/MLmodel"} <= _artifacts(client, job.info.run_id)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    model = mlflow.pyfunc.load_model(f"runs:/{job.info.run_id}/model")
+    user = next(iter(load_splits(load_config("tiny").data).train))
+    recs = model.predict(pd.DataFrame({"user_id": [user], "top_k": [3]}))
+    assert list(recs.columns) == ["user_id", "rank", "item_id", "title", "score", "source"]
+    assert recs["rank"].tolist() == [1, 2, 3] and (recs["user_id"] == user).all()
+    assert recs["score"].is_monotonic_decreasing

@@ -180,14 +180,14 @@ class EvaluateRecipe:
             self.per_example[name] = result
             self.results[name] = {**result.summary(), **cost}
             session.tracker.log_metrics(
-                {f"{name}/{k}": v for k, v in self.results[name].items() if isinstance(v, (int, float))}
+                {f"eval/{name}/{k}": v for k, v in self.results[name].items() if isinstance(v, (int, float))}
             )
             log.info("%s: %s", name, _line(result))
             log.info("%s: %s", name, _bias_line(result.extra["position_bias"]))
             del model
         if "teacher" in self.results and "student" in self.results:
             self.results["comparison"] = compare(self.results["teacher"], self.results["student"])
-            session.tracker.log_metrics({"comparison": self.results["comparison"]})
+            session.tracker.log_metrics({"eval": {"comparison": self.results["comparison"]}})
         self.results["paired"] = self._paired()
         return self.results
 
@@ -218,7 +218,7 @@ class EvaluateRecipe:
         for name, result in baselines.items():
             self.per_example[name] = result
             self.results["baselines"][name] = result.summary()
-            self.session.tracker.log_metrics({f"baseline/{name}/{k}": v for k, v in result.metrics.items()})
+            self.session.tracker.log_metrics({f"eval/baseline/{name}/{k}": v for k, v in result.metrics.items()})
             log.info("%s: %s", name, _line(result))
 
     def _paired(self) -> dict[str, Any]:

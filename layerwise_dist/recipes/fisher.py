@@ -10,6 +10,7 @@ from ..config import ConfigError, RunConfig
 from ..data.errors import DataError
 from ..data.sampler import RankSampler, load_batch
 from ..distributed import barrier, get_logger, is_main
+from ..tracking import log_fisher_profile
 from .session import RunSession
 
 log = get_logger()
@@ -90,11 +91,8 @@ class FisherRecipe:
             out = session.out
             self.profile.save_json(out / "fisher_profile.json")
             self.profile.plot(out / "fisher_profile.png")
-            session.tracker.log_artifact(out / "fisher_profile.json")
-            session.tracker.log_artifact(out / "fisher_profile.png")
-            session.tracker.log_metrics({f"fisher/layer_{i:02d}": float(s) for i, s in enumerate(self.profile.scores)})
-            top, bottom = self.profile.depth_shares(0.3)
-            session.tracker.log_metrics({"fisher/top30_share": top, "fisher/bottom30_share": bottom})
+            # one chart and one table (fisher/ artifacts), two depth-share scalars: not one metric per layer
+            log_fisher_profile(session.tracker, self.profile, out)
             log.info("Fisher profile:\n%s", self.profile.summary())
         barrier()
         session.results["fisher"] = self.profile.to_dict()

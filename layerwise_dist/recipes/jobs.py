@@ -9,6 +9,7 @@ deepspeed launcher when ``--nproc`` > 1) and Ray Train's ``train_loop_per_worker
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +23,8 @@ from .session import RunSession
 
 def fisher(cfg: RunConfig) -> dict[str, Any]:
     """Fisher profile of the teacher: ``<output_dir>/fisher_profile.json`` + ``.png``."""
-    with RunSession(cfg) as session:
-        with session.meter.stage("fisher"):
+    with RunSession(cfg, job="fisher") as session:
+        with session.stage("fisher"):
             recipe = FisherRecipe(session).setup()
             recipe.run()
             recipe.save()
@@ -32,31 +33,33 @@ def fisher(cfg: RunConfig) -> dict[str, Any]:
 
 def distill(cfg: RunConfig) -> dict[str, Any]:
     """Student from teacher layers (Fisher profile first when needed), distilled, saved and scored."""
-    with RunSession(cfg) as session:
+    with RunSession(cfg, job="distill", nest_stages=True) as session:
         student_dir = _distill_student(session)
         return _finish_with_eval(session, student_dir, with_teacher=False)
 
 
 def evaluate(cfg: RunConfig) -> dict[str, Any]:
     """Teacher and the run's student (``<output_dir>/student``, when present) on the test split."""
-    with RunSession(cfg) as session:
+    with RunSession(cfg, job="evaluate") as session:
         student_dir = session.out / "student"
         return _finish_with_eval(session, student_dir if (student_dir / "config.json").exists() else None)
 
 
 def adapt(cfg: RunConfig) -> dict[str, Any]:
     """LoRA (QLoRA) adapters on the teacher: ``<output_dir>/adapt/adapter`` + the merged fp32 ``adapt/merged``."""
-    with RunSession(cfg) as session:
+    with RunSession(cfg, job="adapt") as session:
         _adapt_teacher(session)
         return session.finish()
 
 
 def pipeline(cfg: RunConfig) -> dict[str, Any]:
-    """The whole job: (teacher adaptation,) Fisher profile, distillation, teacher and student scored, report."""
-    with RunSession(cfg) as session:
+    """The whole job: (teacher adaptation,) Fisher profile, distillation, teacher and student scored, report.
+
+    MLflow: one run for the job, a nested run per stage (adapt, fisher, distill, evaluate)."""
+    with RunSession(cfg, job="pipeline", nest_stages=True) as session:
         if cfg.adapt.enabled and not _adapt_teacher(session):
             return session.finish()  # stopped early (train.stop_at_step): resume continues the adaptation
-        with session.meter.stage("fisher"):
+        with session.stage("fisher"):
             recipe = FisherRecipe(session).setup()
             recipe.run()
             profile = recipe.save()
@@ -66,9 +69,10 @@ def pipeline(cfg: RunConfig) -> dict[str, Any]:
 
 def _distill_student(session: RunSession, profile: Any = None) -> Any:
     """Build, distil and save the student; then free its engine and the teacher (evaluation loads its own)."""
-    with session.meter.stage("distill"):
+    with session.stage("distill"):
         recipe = DistillRecipe(session, profile).setup().train()
         student_dir = recipe.save()
+        session.tag_run({"student.layers": json.dumps(recipe.layer_map)})
         recipe.release()
     return student_dir
 
@@ -78,7 +82,7 @@ def _adapt_teacher(session: RunSession) -> bool:
 
     Returns False when ``train.stop_at_step`` ended the adaptation early (checkpointed).
     """
-    with session.meter.stage("adapt"):
+    with session.stage("adapt"):
         recipe = AdaptRecipe(session).setup().train()
         merged = recipe.save()
         recipe.release()
@@ -92,7 +96,7 @@ def _adapt_teacher(session: RunSession) -> bool:
 
 
 def _finish_with_eval(session: RunSession, student_dir: Any, with_teacher: bool = True) -> dict[str, Any]:
-    with session.meter.stage("evaluate"):
+    with session.stage("evaluate"):
         recipe = EvaluateRecipe(session, student_dir, with_teacher=with_teacher).setup()
         recipe.run()
         recipe.save()
@@ -103,7 +107,7 @@ def ablation(cfg: RunConfig) -> dict[str, Any]:
     """(Adaptation,) Fisher profile, one student per layer selection x weighting (nested runs), evaluation."""
     from .ablation import AblationRecipe
 
-    with RunSession(cfg) as session:
+    with RunSession(cfg, job="ablation") as session:
         return AblationRecipe(session).run()
 
 

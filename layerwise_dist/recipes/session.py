@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,19 @@ class TeacherHandle:
         gc.collect()
 
 
+def _scores(results: dict[str, Any]) -> dict[str, Any]:
+    """The measured scores of a run's results (teacher, student, comparison), numbers only, for MLflow."""
+    out: dict[str, Any] = {}
+    for name in ("teacher", "student"):
+        if isinstance(results.get(name), dict):
+            out[name] = {
+                k: v for k, v in results[name].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+    if isinstance(results.get("comparison"), dict):
+        out["comparison"] = results["comparison"]
+    return out
+
+
 def describe_placement(model: torch.nn.Module) -> dict[str, Any]:
     """How the teacher is held on this rank: quantized modules, ZeRO-3 partitioning, local share."""
     quantized = sorted(
@@ -97,9 +112,14 @@ class RunSession:
     Entering joins the process group, seeds, writes the resolved config and DeepSpeed
     JSON (rank 0), loads tokenizer and splits, and opens the tracker run; leaving ends
     the tracker run as FINISHED, or FAILED when an exception left the block.
+
+    MLflow: the run is tagged with the job (``job``: entry point), git commit, teacher,
+    student and data set (``log_input`` with the data's digest); with ``nest_stages``
+    each :meth:`stage` is a run nested under it. Its ids are kept in
+    ``<output_dir>/mlflow_run.json``: ``train.resume=true`` continues the same runs.
     """
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, job: str = "", nest_stages: bool = False) -> None:
         # Resolve attn "auto" once for every model this run loads (pointwise block masks need sdpa/eager).
         attn = cfg.model_attn_implementation()
         if attn != cfg.teacher.attn_implementation:
@@ -114,6 +134,10 @@ class RunSession:
         self.base_teacher = cfg.teacher  # the zero-shot teacher, kept when adaptation swaps in the merged one
         self._t0 = time.perf_counter()
         self.tracker: Any = None
+        self.run_tracker: Any = None  # the job's own MLflow run (``tracker`` is a stage's while one runs)
+        self.job, self.nest_stages = job, nest_stages
+        self._stage_runs: dict[str, str] = {}
+        self._previous_stages: dict[str, str] = {}
         from ..stages import StageMeter
 
         self.meter = StageMeter()  # per-stage wall time and peak RSS on every rank (results.json "memory")
@@ -123,7 +147,7 @@ class RunSession:
             return self._enter_child()
         from ..data import load_splits
         from ..models.teacher import load_tokenizer
-        from ..tracking import make_tracker
+        from ..tracking import dataset_record, effective_uri, make_tracker, read_run_file, source_tags
 
         cfg = self.cfg
         init_distributed()
@@ -139,20 +163,43 @@ class RunSession:
             cfg.save(self.out / "config.yaml")
             (self.out / "ds_config.resolved.json").write_text(json.dumps(self.ds_config, indent=2))
         barrier()
-        self.tracker = make_tracker(
+        previous = None
+        if is_main() and cfg.tracking.enabled and cfg.train.resume and not cfg.tracking.run_id:
+            previous = read_run_file(self.out, effective_uri(cfg.tracking, self.out.parent))
+        self._previous_stages = dict(previous["stages"]) if previous else {}
+        self.tracker = self.run_tracker = make_tracker(
             cfg.tracking,
             self.out.parent,
             run_name=cfg.tracking.run_name or self._run_name(),
             rank=rank(),
             run_dir=self.out,  # an unreachable server buffers into the run folder (replayed later)
+            run_id=previous["run_id"] if previous else None,  # a resumed job continues its MLflow run
+            strict_resume=previous is None,
         )
-        self.tracker.log_params(cfg.to_dict())
+        params = cfg.to_dict()
+        if previous:  # the run's first part logged how it started; these say only how this part did
+            params["train"] = {k: v for k, v in params["train"].items() if k not in ("resume", "stop_at_step")}
+            self.tracker.set_tags({"resumed": "true"})
+        self.tracker.log_params(params)
+        dataset = dataset_record(self.splits, cfg.data) if is_main() else None
         self.tracker.set_tags(
-            {"world_size": str(world_size()), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+            {
+                "world_size": str(world_size()),
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                **(source_tags(self.job) if is_main() else {}),
+                "teacher": cfg.teacher.model,
+                "teacher.quantization": cfg.teacher.quantization,
+                "student.num_layers": str(cfg.student.num_layers),
+                "student.selection": cfg.student.selection,
+                "distill.layer_weighting": cfg.distill.layer_weighting,
+                **({"dataset": dataset["name"], "dataset.digest": dataset["digest"]} if dataset else {}),
+            }
         )
         if is_main():
+            self.tracker.log_input(dataset, context="train")
             self.tracker.log_artifact(self.out / "config.yaml")
             self.tracker.log_artifact(self.out / "ds_config.resolved.json")
+            self._save_run_file()
         log.info(
             "run %s: %d ranks, data %s (%s users), teacher %s",
             self.out,
@@ -183,10 +230,72 @@ class RunSession:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             if self.tracker is not None:
+                if is_main():
+                    self._save_run_file()
                 self.tracker.end("FAILED" if exc_type is not None else "FINISHED")
         finally:
             if getattr(self, "_lock", None) is not None:
                 self._lock.release()
+
+    def _save_run_file(self) -> None:
+        """``<output_dir>/mlflow_run.json``: this run's and its stages' MLflow ids (rank 0; resumed jobs read it)."""
+        from ..tracking import save_run_file
+
+        if getattr(self, "_parent", None) is None and self.run_tracker is not None:
+            save_run_file(self.out, self.run_tracker, {**self._previous_stages, **self._stage_runs})
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[Any]:
+        """One stage of the job: its wall time and peak memory (``meter``), and, with ``nest_stages``, its own
+        MLflow run nested under the job's (``session.tracker`` is that run's meanwhile; a resumed job
+        continues the stage's earlier run). The stage run ends FAILED when the block raises."""
+        with self.meter.stage(name):
+            root = self.tracker
+            if not self.nest_stages or root is None:
+                yield root
+                return
+            tracker = root.nested(
+                name,
+                self.out,
+                run_id=self._previous_stages.get(name),
+                buffer_name=f"tracking_buffer.{name}.jsonl",
+                tags={"stage": name},
+            )
+            if getattr(tracker, "run_id", None):
+                self._stage_runs[name] = tracker.run_id
+                if is_main():
+                    self._save_run_file()
+            self.tracker = tracker
+            try:
+                yield tracker
+            except BaseException:
+                tracker.end("FAILED")
+                raise
+            else:
+                tracker.end("FINISHED")
+            finally:
+                self.tracker = root
+
+    def _log_model(self, student_dir: Path) -> None:
+        """The final student as the run's MLflow model (``model/``: a pyfunc recommender; rank 0, the job's
+        own run, ``tracking.log_model``)."""
+        tracker = self.run_tracker
+        if getattr(self, "_parent", None) is not None or not getattr(tracker, "active", False):
+            return
+        if not getattr(self.cfg.tracking, "log_model", True):
+            return
+        from ..mlflow_model import save_student_model
+
+        folder = save_student_model(student_dir, self.out / "mlflow_model", self.cfg.to_dict()["data"])
+        tracker.log_artifact(folder, "model")
+        tracker.set_tags({"model": "model/ (mlflow.pyfunc: layerwise_dist.mlflow_model.StudentRecommender)"})
+
+    def tag_run(self, tags: dict[str, Any]) -> None:
+        """Tags on the job's own MLflow run (and the stage run now open, if any)."""
+        if self.run_tracker is not None:
+            self.run_tracker.set_tags(tags)
+        if self.tracker is not None and self.tracker is not self.run_tracker:
+            self.tracker.set_tags(tags)
 
     def _run_name(self) -> str:
         cfg = self.cfg
@@ -242,6 +351,7 @@ class RunSession:
         c = object.__new__(RunSession)
         c.cfg, c.out, c._parent, c._child_name = cfg, Path(out), self, run_name
         c.timings, c.results, c.tracker, c._lock = {}, {}, None, None
+        c.run_tracker, c.job, c.nest_stages, c._stage_runs, c._previous_stages = None, self.job, False, {}, {}
         c.teacher = self.teacher if cfg.teacher == self.cfg.teacher else TeacherHandle(cfg)
         same_data = cfg.data == self.cfg.data and cfg.eval == self.cfg.eval
         c._datasets = self._datasets if same_data else {}
@@ -272,7 +382,7 @@ class RunSession:
         if parent.tracker is not None and hasattr(parent.tracker, "flush"):
             parent.tracker.flush()
             parent_id = getattr(parent.tracker, "run_id", None)
-        self.tracker = make_tracker(
+        self.tracker = self.run_tracker = make_tracker(
             self.cfg.tracking, parent.out.parent, run_name=self._child_name, rank=rank(), run_dir=self.out
         )
         self.tracker.log_params(self.cfg.to_dict())
@@ -299,11 +409,14 @@ class RunSession:
             path = self.out / "results.json"
             path.write_text(json.dumps(self.results, indent=2, default=str))
             self.tracker.log_artifact(path)
+            if self._stage_runs:  # the stages logged to their own runs: the job's run gets the scores too
+                self.tracker.log_metrics({"eval": _scores(self.results)})
             student_dir = self.out / "student"
             if (student_dir / "config.json").is_file():  # the model card gets the measured metrics
                 from ..export import write_model_card
 
                 write_model_card(student_dir, run_dir=self.out)
+                self._log_model(student_dir)
             if "teacher" in self.results or "student" in self.results:
                 md, png = write_report(self.results, self.out)
                 self.tracker.log_artifact(md)
