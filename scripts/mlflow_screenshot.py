@@ -132,27 +132,71 @@ def compare_url(url: str, experiment: str, count: int) -> tuple[str, list[str]]:
         raise SystemExit(f"experiment {experiment!r} has {len(top)} top-level run(s); the compare view needs 2")
     ids = [r.info.run_id for r in reversed(top)]  # oldest first, as the runs table lists them
     query = urllib.parse.urlencode(
-        {"runs": json.dumps(ids), "experiments": json.dumps([exp.experiment_id])}, quote_via=urllib.parse.quote
+        {"runs": json.dumps(ids), "experiments": json.dumps([exp.experiment_id]), "workflowType": "machine_learning"},
+        quote_via=urllib.parse.quote,
     )
     return f"{url}/#/compare-runs?{query}", [r.info.run_name for r in reversed(top)]
 
 
-def screenshot(chromium: str, url: str, out: Path, window: str, budget_ms: int) -> None:
+# The UI's own settings (its localStorage keys, ``<key>_v<version>``): the model-training view, and the
+# assistant panel that opens by itself on a first visit left closed.
+UI_SETTINGS = {
+    "mlflow.workflowType_v1": "machine_learning",
+    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True,
+    "mlflow.assistant.panelOpen_v1": False,
+}
+
+
+def _chromium(chromium: str, profile: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+
+
+def seed_ui_settings(chromium: str, profile: str, port: int) -> None:
+    """Write ``UI_SETTINGS`` into the browser profile's localStorage for ``http://127.0.0.1:<port>``: a page
+    served on that origin (before the MLflow server takes the port) sets them."""
+    import http.server
+    import threading
+
+    script = "".join(
+        f"localStorage.setItem({json.dumps(k)}, {json.dumps(json.dumps(v))});" for k, v in UI_SETTINGS.items()
+    )
+    page = f"<html><body><script>{script}document.body.textContent='seeded';</script></body></html>".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer.allow_reuse_address = True
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        done = _chromium(chromium, profile, "--virtual-time-budget=2000", "--dump-dom", f"http://127.0.0.1:{port}/")
+    finally:
+        server.shutdown()
+        server.server_close()
+    if "seeded" not in done.stdout:
+        raise SystemExit(f"chromium could not set the UI settings ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def screenshot(chromium: str, profile: str, url: str, out: Path, window: str, budget_ms: int) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        cmd = [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
-            f"--window-size={window}",
-            f"--virtual-time-budget={budget_ms}",
-            f"--screenshot={out.resolve()}",
-            url,
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = _chromium(
+        chromium,
+        profile,
+        f"--window-size={window}",
+        f"--virtual-time-budget={budget_ms}",
+        f"--screenshot={out.resolve()}",
+        url,
+    )
     if done.returncode != 0 or not out.is_file():
         raise SystemExit(f"chromium failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
@@ -163,24 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="layerwise_dist")
     parser.add_argument("--runs", type=int, default=2, help="how many of the newest top-level runs to compare")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "mlflow_compare.png")
-    parser.add_argument("--window", default="1600,1000", help="browser window WIDTH,HEIGHT")
+    parser.add_argument("--window", default="1600,2250", help="browser window WIDTH,HEIGHT")
     parser.add_argument("--budget-ms", type=int, default=20000, help="Chromium's --virtual-time-budget")
     parser.add_argument("--demo", action="store_true", help="first run the tiny preset twice into a temporary store")
+    parser.add_argument("--demo-dir", type=Path, help="with --demo: make (and keep) the runs and store here instead")
     args = parser.parse_args(argv)
     chromium = find_chromium()
     with tempfile.TemporaryDirectory(prefix="mlflow-shot-") as tmp:
-        store = make_demo_runs(Path(tmp), args.experiment) if args.demo else args.store
+        store = make_demo_runs(args.demo_dir or Path(tmp), args.experiment) if args.demo else args.store
         if not store.is_file():
             raise SystemExit(f"no store at {store}")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_path = Path(tmp) / "server.log"
+        profile = str(Path(tmp) / "chromium-profile")
+        seed_ui_settings(chromium, profile, port)
         proc = start_server(store, port, log_path)
         try:
             wait_healthy(url, proc, log_path)
             page, names = compare_url(url, args.experiment, args.runs)
             print(f"comparing {', '.join(names)}: {page}", flush=True)
-            screenshot(chromium, page, args.out, args.window, args.budget_ms)
+            screenshot(chromium, profile, page, args.out, args.window, args.budget_ms)
         finally:
             stop(proc)
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
