@@ -22,9 +22,10 @@ The experiment is tagged ``mlflow.experimentKind=custom_model_development``, so
 MLflow 3's UI opens it in the model-training view (runs, charts, compare), not the
 GenAI one. :meth:`MLflowTracker.nested` opens a run under this one (a pipeline
 stage, an ablation cell); :meth:`MLflowTracker.log_input` records a data set with
-its digest; :func:`save_run_file` / :func:`read_run_file` keep a run's id in its
-output folder so that a resumed job continues the same MLflow run;
-:func:`source_tags` names the git commit and entry point.
+its digest; :meth:`MLflowTracker.log_model` an MLflow model folder as the run's
+artifacts and as an MLflow logged model. What a run records about itself (source
+tags, data set, Fisher table, the run file that a resumed job continues from) is
+in :mod:`layerwise_dist.run_metadata`.
 
 Tracking never kills or stalls training:
 
@@ -57,7 +58,6 @@ environment unless already set: retries are the buffer thread's job.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import numbers
@@ -127,168 +127,6 @@ def mlflow_ui_command(results_dir: str | Path, port: int = 5000) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port {port}"
 
 
-def git_commit(folder: str | Path | None = None) -> tuple[str, bool] | None:
-    """``(commit, dirty)`` of the git checkout holding ``folder`` (default: this package's source), or of the
-    working directory; ``None`` outside git (an installed wheel run from elsewhere) or without ``git``."""
-    import subprocess
-
-    for where in (Path(folder) if folder else Path(__file__).resolve().parent, Path.cwd()):
-        try:
-            commit = subprocess.run(
-                ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-            )
-            if commit.returncode != 0:
-                continue
-            status = subprocess.run(
-                ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return commit.stdout.strip(), bool(status.stdout.strip())
-    return None
-
-
-def entry_point_name(job: str, argv0: str | None = None) -> str:
-    """What started the run: ``layerwise-dist pipeline`` (the CLI, also its deepspeed workers), or the script
-    a launcher ran (``launchers/pipeline.py``), relative to the working directory when under it."""
-    import sys
-
-    script = Path(argv0 if argv0 is not None else (sys.argv[0] if sys.argv and sys.argv[0] else "python"))
-    if script.name in ("layerwise-dist", "worker.py", "cli.py", "__main__.py", "-c", "python", ""):
-        return f"layerwise-dist {job}".strip()
-    try:
-        return str(script.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(script)
-
-
-def source_tags(job: str) -> dict[str, str]:
-    """MLflow's own source tags: entry point (``mlflow.source.name``, ``mlflow.project.entryPoint``), git commit
-    (``mlflow.source.git.commit``, with ``git.dirty`` when tracked files differ from it)."""
-    tags = {
-        "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": entry_point_name(job),
-        "mlflow.project.entryPoint": job,
-    }
-    found = git_commit()
-    if found is not None:
-        tags["mlflow.source.git.commit"] = found[0]
-        tags["git.dirty"] = str(found[1]).lower()
-    return tags
-
-
-def dataset_record(splits: Any, data_cfg: Any) -> dict[str, str]:
-    """The run's data set as MLflow records it (``mlflow.log_input``): name, digest of the split's content
-    (users' sequences, held-out items, titles: any change of data or split changes it), source and profile."""
-    content = json.dumps(
-        [splits.category, splits.train, splits.valid, splits.test, splits.titles], sort_keys=True, ensure_ascii=True
-    )
-    digest = hashlib.sha256(content.encode()).hexdigest()[:16]
-    where = data_cfg.reviews or data_cfg.source
-    profile = {
-        "users": len(splits.train),
-        "items": len(splits.all_items),
-        "train_interactions": sum(len(v) for v in splits.train.values()),
-        "category": splits.category,
-    }
-    return {
-        "name": f"{data_cfg.source}:{splits.category}",
-        "digest": digest,
-        "source_type": "local" if data_cfg.reviews else "code",
-        "source": json.dumps({"uri": str(where), "meta": data_cfg.meta or None}),
-        "profile": json.dumps(profile),
-    }
-
-
-def save_run_file(run_dir: str | Path, tracker: Tracker, stages: Mapping[str, str] | None = None) -> Path | None:
-    """Write ``<run_dir>/mlflow_run.json``: the store, the run id and its nested stage runs (a resumed job
-    continues them). Nothing when the tracker has no run id (disabled, another rank, store not reached yet)."""
-    run_id = getattr(tracker, "run_id", None)
-    if not run_id:
-        return None
-    path = Path(run_dir) / RUN_FILE
-    data = {"tracking_uri": getattr(tracker, "tracking_uri", ""), "run_id": run_id, "stages": dict(stages or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
-def read_run_file(run_dir: str | Path, tracking_uri: str) -> dict[str, Any] | None:
-    """The runs ``save_run_file`` recorded in ``run_dir`` for this store; ``None`` when there are none, or they
-    belong to another store (a new run is made there)."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("tracking: %s unreadable (%s); a new MLflow run is made", path, exc)
-        return None
-    if str(data.get("tracking_uri", "")).rstrip("/") != tracking_uri.rstrip("/"):
-        log.warning(
-            "tracking: %s is for %s, not %s; a new MLflow run is made", path, data.get("tracking_uri"), tracking_uri
-        )
-        return None
-    data.setdefault("stages", {})
-    return data
-
-
-def effective_uri(cfg: TrackingConfig, results_dir: str | Path) -> str:
-    """The store a run with this config and results folder logs to."""
-    return cfg.tracking_uri or default_tracking_uri(results_dir)
-
-
-FISHER_COLUMNS = ("layer", "fisher", "share", "rank", "block_influence", "angular_distance")
-
-
-def fisher_table(profile: Any) -> list[dict[str, Any]]:
-    """The Fisher profile as table rows, one per teacher layer: score, share of the total, rank (1 = most
-    Fisher information), and the redundancy controls when measured (else empty)."""
-    scores = [float(x) for x in profile.scores]
-    total = sum(scores)
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    rank = {layer: r + 1 for r, layer in enumerate(order)}
-    rows = []
-    for i, score in enumerate(scores):
-        row = {"layer": i, "fisher": score, "share": score / total if total > 0 else None, "rank": rank[i]}
-        for name in ("block_influence", "angular_distance"):
-            values = getattr(profile, name, None) or []
-            row[name] = float(values[i]) if values else None
-        for module, values in sorted((getattr(profile, "module_scores", None) or {}).items()):
-            row[f"fisher_{module}"] = float(values[i])
-        rows.append(row)
-    return rows
-
-
-def log_fisher_profile(tracker: Tracker, profile: Any, folder: str | Path) -> dict[str, Path]:
-    """The Fisher profile as one chart and one table: ``<folder>/fisher_profile.{json,png,csv}`` written (the
-    JSON and PNG when missing) and logged under the run's ``fisher/`` artifacts, plus two scalars
-    (``fisher/top30_share``, ``fisher/bottom30_share``) rather than one metric per layer."""
-    import csv
-
-    folder = Path(folder)
-    paths = {"json": folder / "fisher_profile.json", "png": folder / "fisher_profile.png"}
-    if not paths["json"].is_file():
-        profile.save_json(paths["json"])
-    if not paths["png"].is_file():
-        profile.plot(paths["png"])
-    rows = fisher_table(profile)
-    paths["csv"] = folder / "fisher_profile.csv"
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(FISHER_COLUMNS))
-        writer.writeheader()
-        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
-    for path in paths.values():
-        tracker.log_artifact(path, "fisher")
-    top, bottom = profile.depth_shares(0.3)
-    tracker.log_metrics({"fisher": {"top30_share": top, "bottom30_share": bottom}})
-    return paths
-
-
 class Tracker:
     """Where a run's params, metrics and artifacts go. This base class discards everything.
 
@@ -311,6 +149,9 @@ class Tracker:
         pass
 
     def log_input(self, dataset: Mapping[str, Any], context: str = "train") -> None:
+        pass
+
+    def log_model(self, path: str | Path, name: str = "student", artifact_path: str = "model") -> None:
         pass
 
     def nested(
@@ -573,11 +414,32 @@ class _Sender:
             dataset = Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"), d.get("profile"))
             tags = [InputTag("mlflow.data.context", record["context"])] if record.get("context") else []
             client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+        elif kind == "model":
+            [record] = items
+            self._send_model(Path(record["path"]), record["name"], record["artifact_path"])
         elif kind == "end":
             [(status, end_time)] = items
             client.set_terminated(run_id, status=status, end_time=end_time)
         else:
             log.warning("tracking: unknown record kind %r skipped", kind)
+
+    def _send_model(self, path: Path, name: str, artifact_path: str) -> None:
+        """An MLflow model folder as the run's ``artifact_path`` artifacts and as an MLflow 3 logged model of
+        the run (the UI's Models tab; ``models:/<model_id>``). A resent or resumed run updates its model."""
+        from mlflow.entities import LoggedModelOutput
+
+        if not (path / "MLmodel").is_file():
+            raise FileNotFoundError(f"model folder {path} (no MLmodel file) no longer exists")
+        client, run_id = self.client, self.run_id
+        client.log_artifacts(run_id, str(path), artifact_path)
+        experiment = client.get_run(run_id).info.experiment_id
+        found = client.search_logged_models(
+            [experiment], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'", max_results=1
+        )
+        model = found[0] if found else client.create_logged_model(experiment, name=name, source_run_id=run_id)
+        client.log_model_artifacts(model.model_id, str(path))
+        client.finalize_logged_model(model.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
 
     def _open_run(self, record: Mapping[str, Any]) -> None:
         """Create the run the records belong to (with its original start time), or reopen the one to resume."""
@@ -958,6 +820,16 @@ class MLflowTracker(Tracker):
         if missing:
             raise ValueError(f"dataset record lacks {', '.join(missing)}")
         self._put({"t": "input", "dataset": dict(dataset), "context": context})
+
+    def log_model(self, path: str | Path, name: str = "student", artifact_path: str = "model") -> None:
+        """An MLflow model folder (``MLmodel`` inside, e.g. from :func:`layerwise_dist.mlflow_model.save_student_model`)
+        as the run's ``artifact_path`` artifacts and as an MLflow logged model ``name`` of this run."""
+        if not self.active:
+            return
+        path = Path(path).resolve()
+        if not (path / "MLmodel").is_file():
+            raise FileNotFoundError(f"{path} is not an MLflow model folder (no MLmodel file)")
+        self._put({"t": "model", "path": str(path), "name": name, "artifact_path": artifact_path})
 
     def nested(
         self,

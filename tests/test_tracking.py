@@ -20,6 +20,16 @@ from conftest import REPO, VENV_BIN, free_port, run_env
 from layerwise_dist.config import RunConfig, TrackingConfig
 from layerwise_dist.evaluation import compare
 from layerwise_dist.report import results_table, write_report
+from layerwise_dist.run_metadata import (
+    dataset_record,
+    entry_point_name,
+    fisher_table,
+    git_commit,
+    log_fisher_profile,
+    read_run_file,
+    save_run_file,
+    source_tags,
+)
 from layerwise_dist.tracking import (
     BUFFER_NAME,
     EXPERIMENT_KIND,
@@ -28,20 +38,12 @@ from layerwise_dist.tracking import (
     MLflowTracker,
     NullTracker,
     TrackingError,
-    dataset_record,
     default_tracking_uri,
-    entry_point_name,
-    fisher_table,
     flatten,
-    git_commit,
-    log_fisher_profile,
     make_tracker,
     metric_name,
     mlflow_ui_command,
-    read_run_file,
     replay,
-    save_run_file,
-    source_tags,
 )
 
 
@@ -473,7 +475,7 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(tmp_path, server, cap
     client = mlflow.MlflowClient(tracking_uri=server.url)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"train.lr": "0.001"}
-    for key, value in (("train.loss", lambda s: 1.0 / (s + 1)), ("step_twice", lambda s: 2.0 * s)):
+    for key, value in (("train/loss", lambda s: 1.0 / (s + 1)), ("step_twice", lambda s: 2.0 * s)):
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         assert [m.step for m in history] == list(range(step)), key  # every step once: none lost, none doubled
         assert [m.value for m in history] == pytest.approx([value(s) for s in range(step)])
@@ -689,6 +691,31 @@ def test_source_tags_name_the_commit_and_entry_point(tmp_path):
     assert entry_point_name("distill", "/elsewhere/train.py") == "/elsewhere/train.py"
 
 
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:  # noqa: ANN001
+        return [f"echo {x}" for x in model_input]
+
+
+def test_log_model_is_a_run_artifact_and_one_logged_model(store, client, tmp_path, monkeypatch):
+    """A model folder becomes the run's model/ artifacts and one MLflow logged model of the run (logging it
+    again, as a resumed run does, updates that model); both load with mlflow.pyfunc."""
+    folder = tmp_path / "mlflow_model"
+    mlflow.pyfunc.save_model(str(folder), python_model=_Echo(), pip_requirements=["mlflow"])
+    with MLflowTracker(TrackingConfig(experiment="models"), store, rank=0) as tracker:
+        with pytest.raises(FileNotFoundError, match="no MLmodel"):
+            tracker.log_model(tmp_path)
+        tracker.log_model(folder)
+        tracker.log_model(folder)
+    run = client.get_run(tracker.run_id)
+    assert "model/MLmodel" in _artifacts(client, tracker.run_id)
+    [model] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{tracker.run_id}'")
+    assert model.name == "student" and str(model.status) in ("READY", "LoggedModelStatus.READY")
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default_tracking_uri(store))
+    for uri in (f"runs:/{tracker.run_id}/model", f"models:/{model.model_id}"):
+        assert mlflow.pyfunc.load_model(uri).predict(["a"]) == ["echo a"]
+
+
 def test_save_student_model_needs_a_saved_student(tmp_path):
     from layerwise_dist.mlflow_model import save_student_model
 
@@ -774,11 +801,15 @@ def test_pipeline_reads_well_in_the_mlflow_ui(tmp_path, server, monkeypatch):
     for name in ("eval/student/ndcg_at_10", "eval/teacher/ndcg_at_10", "eval/comparison/retained/ndcg_at_10"):
         assert name in job.data.metrics and name in stages["evaluate"].data.metrics
     assert {"config.yaml", "results.json", "report.md", "model/MLmodel"} <= _artifacts(client, job.info.run_id)
+    # one logged model for the job, though both parts logged it
+    [logged] = client.search_logged_models([exp.experiment_id])
+    assert logged.name == "student" and logged.source_run_id == job.info.run_id
+    assert [o.model_id for o in job.outputs.model_outputs] == [logged.model_id]
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    model = mlflow.pyfunc.load_model(f"runs:/{job.info.run_id}/model")
     user = next(iter(load_splits(load_config("tiny").data).train))
-    recs = model.predict(pd.DataFrame({"user_id": [user], "top_k": [3]}))
-    assert list(recs.columns) == ["user_id", "rank", "item_id", "title", "score", "source"]
-    assert recs["rank"].tolist() == [1, 2, 3] and (recs["user_id"] == user).all()
-    assert recs["score"].is_monotonic_decreasing
+    for uri in (f"runs:/{job.info.run_id}/model", f"models:/{logged.model_id}"):
+        recs = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"user_id": [user], "top_k": [3]}))
+        assert list(recs.columns) == ["user_id", "rank", "item_id", "title", "score", "source"]
+        assert recs["rank"].tolist() == [1, 2, 3] and (recs["user_id"] == user).all()
+        assert recs["score"].is_monotonic_decreasing

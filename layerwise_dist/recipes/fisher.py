@@ -10,7 +10,7 @@ from ..config import ConfigError, RunConfig
 from ..data.errors import DataError
 from ..data.sampler import RankSampler, load_batch
 from ..distributed import barrier, get_logger, is_main
-from ..tracking import log_fisher_profile
+from ..run_metadata import log_fisher_profile
 from .session import RunSession
 
 log = get_logger()

@@ -147,7 +147,8 @@ class RunSession:
             return self._enter_child()
         from ..data import load_splits
         from ..models.teacher import load_tokenizer
-        from ..tracking import dataset_record, effective_uri, make_tracker, read_run_file, source_tags
+        from ..run_metadata import dataset_record, effective_uri, read_run_file, source_tags
+        from ..tracking import make_tracker
 
         cfg = self.cfg
         init_distributed()
@@ -239,7 +240,7 @@ class RunSession:
 
     def _save_run_file(self) -> None:
         """``<output_dir>/mlflow_run.json``: this run's and its stages' MLflow ids (rank 0; resumed jobs read it)."""
-        from ..tracking import save_run_file
+        from ..run_metadata import save_run_file
 
         if getattr(self, "_parent", None) is None and self.run_tracker is not None:
             save_run_file(self.out, self.run_tracker, {**self._previous_stages, **self._stage_runs})
@@ -287,8 +288,7 @@ class RunSession:
         from ..mlflow_model import save_student_model
 
         folder = save_student_model(student_dir, self.out / "mlflow_model", self.cfg.to_dict()["data"])
-        tracker.log_artifact(folder, "model")
-        tracker.set_tags({"model": "model/ (mlflow.pyfunc: layerwise_dist.mlflow_model.StudentRecommender)"})
+        tracker.log_model(folder, name="student", artifact_path="model")
 
     def tag_run(self, tags: dict[str, Any]) -> None:
         """Tags on the job's own MLflow run (and the stage run now open, if any)."""
