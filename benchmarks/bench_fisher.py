@@ -17,7 +17,8 @@ Timed (median of interleaved repetitions), all on one batch and the same answer 
                 4-bit teacher's backward can do, and all the Fisher pass needs)
   fisher_param  compute_fisher_profile(form="parameter")
   fisher_act    compute_fisher_profile(form="activation")
-Prints one JSON object with the times, the ratios and the linear-layer method
+Prints one JSON object with the times (wall and ``time.process_time``, which leaves out the time a
+one-thread run waited for a core on a shared machine), the ratios in both, and the linear-layer method
 (Gram or explicit) the parameter form picked for each shape.
 
 Why the shape matters: per example and linear layer (fan-in i, fan-out o, T tokens), the
@@ -140,22 +141,28 @@ def main() -> None:
     if args.quant == "none":
         runs["plain_train"] = lambda: plain(model, batch, True)
     times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():  # warm-up
         fn()
     for _ in range(args.reps):
         for name, fn in runs.items():  # interleaved, so drifting machine load hits every variant alike
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     out = {
         "config": vars(args),
         "layer_shape": dict(zip(("hidden", "intermediate", "heads", "kv_heads"), SHAPES[args.shape])),
         "torch_threads": torch.get_num_threads(),
         "linear_methods": methods(model, batch),
         "median_s": med,
+        "median_cpu_s": med_cpu,
         "ratio_param_vs_frozen": med["fisher_param"] / med["plain_frozen"],
         "ratio_act_vs_frozen": med["fisher_act"] / med["plain_frozen"],
+        "ratio_param_vs_frozen_cpu_time": med_cpu["fisher_param"] / med_cpu["plain_frozen"],
+        "ratio_act_vs_frozen_cpu_time": med_cpu["fisher_act"] / med_cpu["plain_frozen"],
         "goal": {"param": 1.2, "act": 1.05},
     }
     if "plain_train" in med:

@@ -13,7 +13,9 @@ teacher layers (default 8), score the same listwise batch (``--batch`` test exam
                the head at that position only
 
 Timed under ``torch.no_grad()``, the four runs interleaved rep by rep after one warm-up each, in this one
-process. Prints JSON: median seconds, ``speedup_<path>`` = teacher / student, and
+process. Prints JSON: median wall and CPU seconds (``time.process_time``: on a machine shared with other
+jobs, a one-thread run's CPU time leaves out the time it waited for a core), ``speedup_<path>`` = teacher /
+student wall time, ``speedup_<path>_cpu_time`` = the same in CPU time, and
 ``flop_bound_<path>`` = the ratio of :func:`layerwise_dist.planner.scoring_flops` of the two configs at
 the batch's mean prompt length (what the speedup would be if time followed FLOPs). Goal: answer-only
 speedup >= 3.5 (bound 3.75 for 8 of 30 layers). Both paths' scores are checked to agree per model.
@@ -81,12 +83,15 @@ def main() -> None:
             full, answer = runs[f"{role}_full"](), runs[f"{role}_answer_only"]()
             agreement[role] = float((full.float() - answer.float()).abs().max())
         times: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.reps):
             for name, fn in runs.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
 
     seq = round(statistics.mean(prompt_tokens))
     tshape, sshape = planner.count_model(teacher.config), planner.count_model(student.config)
@@ -101,12 +106,16 @@ def main() -> None:
         "prompt_tokens": prompt_tokens,
         "candidates": int(batch["candidate_token_ids"].shape[1]),
         "reps": args.reps,
+        "threads": torch.get_num_threads(),
         "seconds_per_call": times,
+        "cpu_seconds_per_call": cpu,
         "median_s": med,
+        "median_cpu_s": med_cpu,
         "max_abs_diff_full_vs_answer_only": agreement,
     }
     for path in ("full", "answer_only"):
         result[f"speedup_{path}"] = med[f"teacher_{path}"] / med[f"student_{path}"]
+        result[f"speedup_{path}_cpu_time"] = med_cpu[f"teacher_{path}"] / med_cpu[f"student_{path}"]
         answer_only = path == "answer_only"
         result[f"flop_bound_{path}"] = planner.scoring_flops(tshape, seq, answer_only) / planner.scoring_flops(
             sshape, seq, answer_only
