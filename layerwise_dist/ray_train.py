@@ -32,6 +32,7 @@ an uninterrupted run).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -71,6 +72,8 @@ PATH_KEYS = (
 MANIFEST = "layerwise_dist_checkpoint.json"
 #: <output_dir>/REPORT_LOG: one JSON line per report (rank 0's metrics) and per worker failure.
 REPORT_LOG = "ray_reports.jsonl"
+#: <output_dir>/STAGING/rank<r>-step<n>: a worker's files of a step checkpoint until Ray has uploaded them.
+STAGING = ".ray_staging"
 #: <output_dir>/FAULT_MARKER: written by the rank that ray.fault_kill_step kills (so it dies only once).
 FAULT_MARKER = "ray_fault_injected"
 
@@ -188,7 +191,7 @@ class StepReporter:
         self._maybe_fault(step)
 
     def _stage(self, step: int, tag_dir: Path) -> Path:
-        staging = self.out / ".ray_staging" / f"rank{rank()}-step{step}"
+        staging = self.out / STAGING / f"rank{rank()}-step{step}"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / tag_dir.name).mkdir(parents=True)
         for src in [*_rank_files(tag_dir, rank()), tag_dir / MARKER.format(rank())]:
@@ -307,6 +310,9 @@ def train_func(config: dict[str, Any]) -> None:
     # Rank 0 writes the student folder and results.json; every rank waits here so the
     # folder Ray copies is complete and no rank's report races ahead of the others.
     barrier()
+    if is_main():
+        with contextlib.suppress(OSError):  # emptied by Ray after each upload
+            (Path(cfg.output_dir) / STAGING).rmdir()
     metrics = report_metrics(results, command)
     metrics["output_dir"] = cfg.output_dir
     student = Path(cfg.output_dir) / "student"

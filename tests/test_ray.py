@@ -231,7 +231,7 @@ def test_ray_distill_two_cpu_workers(uninterrupted):
     assert manifest["tag"] == "step2" and manifest["step"] == 2 and manifest["world_size"] == 2
     assert {p.name for p in (step2 / "step2").glob("rank*.done")} == {"rank0.done", "rank1.done"}
     assert CheckpointStore(step2).check(step2 / "step2") == ""
-    assert not (run / ".ray_staging").exists() or not any((run / ".ray_staging").iterdir())
+    assert not (run / ".ray_staging").exists()  # each upload removed its staged links, the run the folder
 
     # The final checkpoint is Ray's copy of output_dir/student, in storage_path; the original stays.
     assert isinstance(result.checkpoint, Checkpoint)
