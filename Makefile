@@ -82,6 +82,19 @@ experiment experiment-quick: venv
 	$(BIN)/layerwise-dist ablation --preset $@ --nproc 2 data.reviews=$(abspath $(EXPERIMENT_DATA))
 	$(if $(filter experiment,$@),$(BIN)/python scripts/readme_results.py results/experiment/ablation_report.md README.md)
 
+# Benchmarks (issue 12): each at a small size in its own process (ratios of interleaved repetitions, wall and
+# CPU time), JSON in benchmarks/results/, then the README's performance table (perf markers) from them.
+BENCH_OUT ?= benchmarks/results
+bench: venv
+	$(BIN)/python benchmarks/bench_scoring.py --reps 5 --json-out $(BENCH_OUT)/scoring.json
+	$(BIN)/python benchmarks/bench_kd_vs_hf_trainer.py --reps 3 --json-out $(BENCH_OUT)/kd_vs_hf_trainer.json
+	$(BIN)/python benchmarks/bench_student_build.py --reps 2 --json-out $(BENCH_OUT)/student_build.json
+	$(BIN)/python benchmarks/bench_distill_step.py --preset tiny --reps 3 --json-out $(BENCH_OUT)/distill_step.json
+	$(BIN)/python benchmarks/bench_fisher.py --shape smollm2 --layers 4 --seq 384 --batch 2 --reps 3 --json-out $(BENCH_OUT)/fisher.json
+	$(BIN)/python benchmarks/bench_data_reader.py --sizes 100000 --json-out $(BENCH_OUT)/data_reader.json
+	$(BIN)/python benchmarks/bench_pointwise.py --reps 3 --json-out $(BENCH_OUT)/pointwise.json
+	$(BIN)/python scripts/perf_table.py --results $(BENCH_OUT)
+
 # The GPU check (issue 16): scripts/gpu_check.py, one JSON + log in results/gpu_check/ (within 8 minutes on
 # one H200). Installs what the GPU machine lacks from gpu_wheels/ (built by scripts/gpu_wheels.sh; carried,
 # never committed). `make gpu-check DEVICE=cpu` is the tiny-shape dry run (part of no test suite). No venv

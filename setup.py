@@ -28,7 +28,7 @@ setup(
         "pyyaml>=6",
         "omegaconf>=2.4",
         "tqdm>=4.60",
-        "ray[train]>=2.40",
+        "ray[default,train]>=2.40",
         "mlflow>=2.16",
         "psutil>=5.9",
         "peft>=0.13",

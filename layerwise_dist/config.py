@@ -449,6 +449,47 @@ class AblationConfig:
 
 
 @dataclass
+class RayConfig:
+    """Ray Train (``launchers/ray_distill.py``): ScalingConfig, RunConfig, FailureConfig and CheckpointConfig."""
+
+    address: str = _f(
+        "",
+        "cluster to join: '' = RAY_ADDRESS when set (ray job submit sets it), else a new local instance; "
+        "auto, or head-ip:6379",
+    )
+    num_workers: int = _f(2, "Ray Train workers = ranks (ScalingConfig.num_workers)")
+    use_gpu: bool = _f(False, "one GPU per worker and NCCL (false: CPU workers, gloo)")
+    cpus_per_worker: int = _f(1, "CPUs per worker (ScalingConfig.resources_per_worker); also its torch threads on CPU")
+    storage_path: str = _f(
+        "results/ray",
+        "where Ray keeps runs and checkpoints: a local folder (relative: made absolute on the driver) or a URI "
+        "such as s3://bucket/prefix, passed to RunConfig as given",
+    )
+    name: str = _f("", "Ray run name (default: <command>-<output_dir name>-<time>)")
+    max_failures: int = _f(
+        0,
+        "FailureConfig.max_failures: worker-group restarts after a failure, each from the last Ray checkpoint "
+        "(-1 = unlimited)",
+    )
+    num_to_keep: int = _f(
+        2, "CheckpointConfig.num_to_keep: newest Ray checkpoints kept (0 = all), written every train.save_every steps"
+    )
+    fault_kill_step: int = _f(
+        0, "testing only: on the first attempt the last rank SIGKILLs itself after reporting this step (0 = off)"
+    )
+
+    def __post_init__(self) -> None:
+        _positive("ray", "num_workers", self.num_workers)
+        _positive("ray", "cpus_per_worker", self.cpus_per_worker)
+        _positive("ray", "num_to_keep", self.num_to_keep, allow_zero=True)
+        _positive("ray", "fault_kill_step", self.fault_kill_step, allow_zero=True)
+        if self.max_failures < -1:
+            raise ConfigError(f"ray.max_failures must be >= -1 (-1 = unlimited); got {self.max_failures}")
+        if not self.storage_path:
+            raise ConfigError("ray.storage_path must not be empty: a local folder or a URI such as s3://bucket/prefix")
+
+
+@dataclass
 class TrackingConfig:
     """MLflow run tracking."""
 
@@ -469,6 +510,9 @@ class TrackingConfig:
     connect_timeout_s: float = _f(3.0, "timeout of the reachability check of an http(s) tracking URI at start")
     request_timeout_s: float = _f(
         30.0, "MLflow HTTP request timeout of the background sender (MLFLOW_HTTP_REQUEST_TIMEOUT unless set)"
+    )
+    log_model: bool = _f(
+        True, "log the final student as the run's MLflow model (model/: a pyfunc recommender, mlflow.pyfunc.load_model)"
     )
 
     def __post_init__(self) -> None:
@@ -495,6 +539,7 @@ class RunConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         if not self.output_dir:

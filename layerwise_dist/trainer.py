@@ -27,7 +27,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,29 @@ class _StopRequest:
 
 
 _STOP = _StopRequest()
+
+#: ``fn(step, metrics, checkpoint)`` called on every rank after each logged or checkpointed step (see
+#: :func:`step_listener`); ``checkpoint`` is the step's complete DeepSpeed tag folder, or None.
+StepListener = Callable[[int, dict[str, float], "Path | None"], None]
+_STEP_LISTENERS: list[StepListener] = []
+
+
+@contextlib.contextmanager
+def step_listener(fn: StepListener) -> Iterator[None]:
+    """Within the block, every distillation loop calls ``fn`` after each step it logs (``train.log_every``)
+    or checkpoints, with the step's metrics (as in train_history.json) and its checkpoint folder, last
+    after the final checkpoint. Every rank calls it at the same steps, so ``fn`` may be collective
+    (Ray Train's ``report`` is: :mod:`layerwise_dist.ray_train`)."""
+    _STEP_LISTENERS.append(fn)
+    try:
+        yield
+    finally:
+        _STEP_LISTENERS.remove(fn)
+
+
+def _notify_step(step: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+    for fn in list(_STEP_LISTENERS):
+        fn(step, metrics, checkpoint)
 
 
 def _signal_name(signum: int) -> str:
@@ -271,7 +294,8 @@ class DistillationRunner:
             last = self.state.history[-1] if self.state.history else {}
             if self.valid_data is not None and "valid/total" not in last:
                 self.validate()
-            self.save_checkpoint()
+            checkpoint = self.save_checkpoint()
+            _notify_step(self.state.step, self.state.history[-1] if self.state.history else {}, checkpoint)
         if _STOP.signum is not None:  # arrived during the final validation or save: both finished
             raise StoppedBySignal(
                 f"stopped by {_signal_name(_STOP.signum)} after the last step ({self.state.step}); "
@@ -301,7 +325,8 @@ class DistillationRunner:
             self.state.step += 1
             metrics["step"] = self.state.step
             self.state.history.append(metrics)
-            if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+            logged = self.state.step % t.log_every == 0 or self.state.step == t.max_steps
+            if logged:
                 self.tracker.log_metrics(
                     {f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=self.state.step
                 )
@@ -309,8 +334,11 @@ class DistillationRunner:
             bar.update(1)
             if t.eval_every and self.state.step % t.eval_every == 0 and self.valid_data is not None:
                 self.validate()
+            checkpoint = None
             if t.save_every and self.state.step % t.save_every == 0 and self.state.step < t.max_steps:
-                self.save_checkpoint()
+                checkpoint = self.save_checkpoint()
+            if (logged or checkpoint is not None) and self.state.step < end:  # the last step: after the final save
+                _notify_step(self.state.step, metrics, checkpoint)
             signum = agreed_stop_signal()
             if signum:
                 bar.close()
