@@ -177,6 +177,53 @@ def release_shm_names() -> None:
             pass
 
 
+def destroy_engine(engine: object) -> None:
+    """Destroy a DeepSpeed engine so that its model can be freed.
+
+    ``engine.destroy()`` alone is not enough under ZeRO-3 (DeepSpeed 0.19): ``DeepSpeedZeRoOffload``
+    appends the engine's top module to the module-level ``FWD_MODULE_STACK`` when it is built and
+    nothing removes it, so every engine's model (parameters, gradients, optimizer states reachable from
+    it) lives until the process ends. An ablation builds one student engine per cell: RSS grew by one
+    student per cell until a run was OOM-killed. And ``PartitionedParameterCoordinator.__params_to_release``
+    is a ``functools.lru_cache`` on the class, keyed by (coordinator, submodule, step): it keeps every
+    coordinator and submodule it has seen (so every engine's model) alive. Here the stack loses every
+    entry that belongs to the engine's module, that cache is cleared (it refills for the live engines
+    on their next step), then the engine is destroyed.
+    """
+    module = getattr(engine, "module", None)
+    if module is not None:
+        try:
+            from deepspeed.runtime.zero import parameter_offload
+        except ImportError:  # pragma: no cover - deepspeed is a dependency
+            parameter_offload = None
+        stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+        if isinstance(stack, list) and stack:
+            owned = {id(m) for m in module.modules()}
+            stack[:] = [m for m in stack if id(m) not in owned]
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    _clear_zero3_release_cache()
+
+
+def _clear_zero3_release_cache() -> None:
+    try:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return
+    # The cached function sits under DeepSpeed's nvtx wrapper (a closure, no __wrapped__): search both.
+    todo = [getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)]
+    while todo:
+        fn = todo.pop()
+        if fn is None:
+            continue
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+            return
+        todo.append(getattr(fn, "__wrapped__", None))
+        todo.extend(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents))
+    get_logger().warning("DeepSpeed's ZeRO-3 release cache was not found: destroyed engines' models may stay in memory")
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a rendezvous)."""
     import socket

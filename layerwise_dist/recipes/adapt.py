@@ -46,7 +46,7 @@ from ..checkpoint import CheckpointStore, TrainState
 from ..config import ConfigError
 from ..data.errors import DataError
 from ..data.sampler import RankSampler, load_batch
-from ..distributed import all_reduce_sum, barrier, get_logger, is_main, world_size
+from ..distributed import all_reduce_sum, barrier, destroy_engine, get_logger, is_main, world_size
 from ..ds_config import resolve_ds_config
 from ..losses import PointwiseListLoss, packed_forward
 from .session import RunSession, describe_placement
@@ -326,7 +326,7 @@ class AdaptRecipe:
 
     def release(self) -> None:
         """Free the adaptation engine (and the base it holds) before the next stage loads its teacher."""
-        if self.engine is not None and hasattr(self.engine, "destroy"):
-            self.engine.destroy()
+        if self.engine is not None:
+            destroy_engine(self.engine)
         self.engine = self.model = None
         gc.collect()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, RunConfig
-from ..distributed import get_logger, is_main
+from ..distributed import destroy_engine, get_logger, is_main
 from .fisher import FisherRecipe, needs_fisher
 from .session import RunSession
 
@@ -233,8 +233,8 @@ class DistillRecipe:
 
         runner = getattr(self, "runner", None)
         engine = getattr(runner, "engine", None)
-        if engine is not None and hasattr(engine, "destroy"):
-            engine.destroy()
+        if engine is not None:
+            destroy_engine(engine)
         self.runner = self.student = None
         if not keep_teacher:
             self.session.teacher.release()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..distributed import barrier, device, get_logger, init_distributed, is_main, rank, world_size
+from ..distributed import barrier, destroy_engine, device, get_logger, init_distributed, is_main, rank, world_size
 from ..ds_config import resolve_ds_config
 
 log = get_logger()
@@ -70,8 +70,8 @@ class TeacherHandle:
         """Drop this rank's teacher (a DeepSpeed engine is destroyed first): later stages load their own models."""
         import gc
 
-        if self._model is not None and hasattr(self._model, "destroy"):
-            self._model.destroy()
+        if self._model is not None:
+            destroy_engine(self._model)
         self._model = None
         gc.collect()
 
