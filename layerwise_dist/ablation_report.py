@@ -237,9 +237,15 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "run": str(run),
         "transfer": transfer,
         "setup": {
-            "data": {k: cfg.get("data", {}).get(k) for k in ("source", "reviews", "category", "num_candidates", "seed")}
-            if cfg
-            else {},
+            "data": {
+                **(
+                    {k: cfg.get("data", {}).get(k) for k in ("source", "reviews", "category", "num_candidates", "seed")}
+                    if cfg
+                    else {}
+                ),
+                # the category the data really had (the config's is a default for sources naming their own)
+                **{k: v for k, v in (top.get("data") or {}).items() if k in ("category", "users", "items") and v},
+            },
             "test_users": config.get("examples"),
             "formulation": config.get("formulation"),
             "teacher": (cfg.get("teacher") or {}).get("model") if cfg else None,

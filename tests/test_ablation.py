@@ -73,6 +73,8 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     )
     assert any(p["question"].startswith("value of distillation") for p in data["paired"])
     assert [p["step"] for p in data["curve"]["points"]] == [1, 2]
+    top = json.loads((run / "results.json").read_text())  # the data as loaded, not the config's default
+    assert top["data"]["users"] > 0 and data["setup"]["data"]["category"] == top["data"]["category"]
     transfer = json.loads((run / "transfer" / "results.json").read_text())
     assert transfer["transfer"]["cell"] == "uniform+uniform" and transfer["student"]["n"] == 16  # the best distilled
     assert "teacher" in transfer and "## Transfer check: embedded" in report

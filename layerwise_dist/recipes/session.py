@@ -159,6 +159,13 @@ class RunSession:
         with self.meter.stage("setup"):
             self.tokenizer = load_tokenizer(cfg.teacher)
             self.splits = load_splits(cfg.data, progress=is_main())
+        # What the data really is (data.category is a default for sources that name their own category).
+        self.results["data"] = {
+            "source": cfg.data.source,
+            "category": self.splits.category,
+            "users": len(self.splits.test),
+            "items": len(self.splits.all_items),
+        }
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
