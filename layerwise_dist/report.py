@@ -214,13 +214,104 @@ def _fisher_lines(profile: Any, top_k: int = 5) -> list[str]:
         "",
         f"- top layers by Fisher score: {profile.top_layers(min(top_k, profile.num_layers))}",
         f"- depth shares: the upper 30% of layers hold {upper:.1%} of the Fisher mass, the lower 30% hold {lower:.1%}",
-        "",
     ]
+    if profile.block_influence:
+        lines.append(
+            f"- Spearman(Fisher, Block Influence) = {profile.spearman(profile.block_influence):+.3f} "
+            "(Block Influence: 1 - cos(layer input, layer output), ShortGPT)"
+        )
+    lines.append("")
     lines += _md_table(
         ("layer", "F_l", "share"),
         [(str(i), f"{s:.5g}", f"{w:.2%}") for i, (s, w) in enumerate(zip(profile.scores, weights))],
     )
     return lines + [""]
+
+
+LOSS_NAMES = {
+    "total": "total",
+    "kd": "logit KD",
+    "list_kd": "list KD (candidate scores)",
+    "align": "hidden-state alignment (weighted)",
+    "ce": "task cross-entropy",
+    "title": "target-title NLL",
+    "list": "list CE",
+}
+
+
+def _student_lines(results: Mapping[str, Any]) -> list[str]:
+    info = results.get("student_layers") or {}
+    if not info.get("layer_map"):
+        return []
+    lines = [
+        "## Student layers and their alignment weights",
+        "",
+        f"Layer selection `{info.get('selection')}`, layer-loss weighting `{info.get('weighting')}`: student layer i "
+        "is initialised from teacher layer `layer_map[i]` and aligned to its output with weight w_i.",
+        "",
+    ]
+    weights = info.get("weights") or []
+    rows = [(str(i), str(t), f"{weights[i]:.4f}" if i < len(weights) else "-") for i, t in enumerate(info["layer_map"])]
+    return lines + _md_table(("student layer", "teacher layer", "alignment weight"), rows) + [""]
+
+
+def _history(out: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = out / "train_history.json"
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        return []
+    return [h for h in history if isinstance(h, dict) and "step" in h]
+
+
+def _training_lines(history: list[dict[str, Any]], chart: str | None) -> list[str]:
+    if not history:
+        return []
+    first, last = history[0], history[-1]
+    keys = [k for k in LOSS_NAMES if k in first and k in last]
+    lines = [f"## Training ({last['step']} steps)", ""]
+    rows = [(LOSS_NAMES[k], f"{first[k]:.4f}", f"{last[k]:.4f}", f"{min(h.get(k, float('inf')) for h in history):.4f}")
+            for k in keys]  # fmt: skip
+    lines += _md_table(("loss component", f"step {first['step']}", f"step {last['step']}", "lowest"), rows)
+    valid = [h for h in history if "valid/total" in h or "valid/ndcg@10" in h]
+    if valid:
+        lines += ["", "Validation (held-out validation users, every `train.eval_every` steps):", ""]
+        cols = [k for k in ("valid/total", "valid/ndcg@10", "valid/hr@10", "valid/mrr") if any(k in h for h in valid)]
+        lines += _md_table(
+            ("step", *[c.replace("valid/", "") for c in cols]),
+            [(str(h["step"]), *[f"{h[c]:.4f}" if c in h else "-" for c in cols]) for h in valid],
+        )
+    if chart:
+        lines += ["", f"![training curves]({chart})"]
+    return lines + [""]
+
+
+def _plot_training(history: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    valid = [h for h in history if "valid/ndcg@10" in h]
+    fig = Figure(figsize=(11 if valid else 5.5, 4.2))
+    axes = fig.subplots(1, 2 if valid else 1)
+    ax = axes[0] if valid else axes
+    steps = [h["step"] for h in history]
+    for key, name in LOSS_NAMES.items():
+        if all(key in h for h in history):
+            ax.plot(steps, [h[key] for h in history], label=name, lw=1.6 if key == "total" else 1.0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("training loss components")
+    ax.legend(fontsize=7)
+    if valid:
+        ax = axes[1]
+        ax.plot([h["step"] for h in valid], [h["valid/ndcg@10"] for h in valid], marker="o", color="tab:green")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation NDCG@10")
+        ax.set_title("validation ranking quality")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _position_bias_lines(results: Mapping[str, Any]) -> list[str]:
@@ -325,7 +416,15 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path,
         missing = (results.get(side) or {}).get("unavailable") or {}
         for key, why in missing.items():
             lines.append(f"- {side} {key}: not measured ({why})")
+    if results.get("mlflow_run_id"):
+        lines.append(f"- MLflow run: `{results['mlflow_run_id']}`")
     lines.append("")
+    lines += _student_lines(results)
+    history = _history(out)
+    training_png = out / "training.png"
+    if history:
+        _plot_training(history, training_png)
+    lines += _training_lines(history, training_png.name if history else None)
     if profile is not None:
         lines += _fisher_lines(profile)
     lines += _position_bias_lines(results)
@@ -354,6 +453,7 @@ def _plot(results: Mapping[str, Any], comp: Mapping[str, Any], profile: Any, pat
             ax.bar([i + shift for i in x], [_num(side.get(k)) for k in keys], width=0.4, label=name)
     ax.set_xticks(list(x), keys, rotation=30)
     ax.set_ylim(0, 1.05)
+    ax.set_ylabel("metric value (higher is better)")
     ax.set_title(f"ranking quality (n={student.get('n', teacher.get('n', '?'))})")
     ax.legend()
 
@@ -374,12 +474,14 @@ def _plot(results: Mapping[str, Any], comp: Mapping[str, Any], profile: Any, pat
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.invert_yaxis()
+    ax.set_xlabel("ratio (student / teacher; 1 = equal)")
     ax.set_title("student relative to teacher")
 
     if profile is not None:
         ax = axes[2]
         ax.bar(range(profile.num_layers), profile.normalized(), color="tab:purple")
         ax.set_xlabel("teacher layer")
+        ax.set_ylabel("share of Fisher mass")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title("Fisher share per layer")
     fig.tight_layout()

@@ -240,6 +240,59 @@ def test_report_and_table(tmp_path):
     assert "| fisher | 3 s / 3 s | 812 MiB / n/a | 700 MiB / 690 MiB |" in text
     assert "| teacher | 75% at A (chance 33%) | A 75%, B 25%, C 0% | +0.91 |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "## Training" not in text and "MLflow run" not in text  # no history, no run: no empty sections
+
+
+def test_report_tells_the_whole_story(tmp_path):
+    """Student layers with their alignment weights, loss components and the validation curve from the run's
+    history (with a chart), Spearman(Fisher, Block Influence) and the MLflow run id (issue 13, item 5)."""
+    history = [
+        {"step": 1, "total": 9.0, "kd": 2.0, "align": 1.0, "ce": 6.0, "lr": 1e-4},
+        {
+            "step": 2,
+            "total": 7.0,
+            "kd": 1.5,
+            "align": 0.8,
+            "ce": 4.7,
+            "lr": 1e-4,
+            "valid/total": 7.5,
+            "valid/ndcg@10": 0.31,
+        },
+        {"step": 3, "total": 6.0, "kd": 1.2, "align": 0.7, "ce": 4.1, "lr": 1e-4},
+        {
+            "step": 4,
+            "total": 5.5,
+            "kd": 1.1,
+            "align": 0.6,
+            "ce": 3.8,
+            "lr": 1e-4,
+            "valid/total": 6.9,
+            "valid/ndcg@10": 0.36,
+        },
+    ]
+    (tmp_path / "train_history.json").write_text(json.dumps(history))
+    fisher = {"scores": [1.0, 2.0, 3.0, 4.0], "num_examples": 8, "block_influence": [0.1, 0.2, 0.4, 0.3]}
+    results = {
+        "student": {"hr@1": 0.25, "mrr": 0.5, "n": 4},
+        "fisher": fisher,
+        "student_layers": {
+            "selection": "fisher-topk",
+            "weighting": "fisher",
+            "layer_map": [1, 3],
+            "weights": [0.25, 0.75],
+        },
+        "mlflow_run_id": "abc123",
+    }
+    md, _ = write_report(results, tmp_path)
+    text = md.read_text()
+    assert "| 0 | 1 | 0.2500 |" in text and "| 1 | 3 | 0.7500 |" in text
+    assert "Layer selection `fisher-topk`, layer-loss weighting `fisher`" in text
+    assert "## Training (4 steps)" in text and "| logit KD | 2.0000 | 1.1000 | 1.1000 |" in text
+    assert "| 2 | 7.5000 | 0.3100 |" in text and "| 4 | 6.9000 | 0.3600 |" in text
+    assert "Spearman(Fisher, Block Influence) = +0.800" in text
+    assert "MLflow run: `abc123`" in text
+    chart = tmp_path / "training.png"
+    assert "![training curves](training.png)" in text and chart.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_with_student_only(tmp_path):

@@ -182,6 +182,12 @@ class DistillRecipe:
             {"resolved.student_layers": self.layer_map, "resolved.layer_weights": [round(w, 5) for w in weights]}
         )
         if is_main():
+            self.session.results["student_layers"] = {
+                "selection": self.cfg.student.selection,
+                "weighting": cfg.layer_weighting,
+                "layer_map": list(self.layer_map),
+                "weights": [float(w) for w in weights],
+            }
             (self.session.out / "layer_weights.json").write_text(
                 json.dumps({"layer_map": self.layer_map, "weights": weights}, indent=2)
             )
