@@ -86,6 +86,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
         return 2
     if _inside_launcher():
         return run_job(JOBS[command], cfg)
+    from .distributed import QUIET_ENV
     from .runlock import TOKEN_ENV, RunLock
 
     try:  # before anything is written into output_dir: a second run must not touch the first one's files
@@ -93,6 +94,8 @@ def launch(command: str, args: argparse.Namespace) -> int:
     except KNOWN_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    if not getattr(args, "verbose", False):
+        os.environ[QUIET_ENV] = "1"  # the ranks inherit it (distributed.quiet_third_party)
     try:
         os.environ[TOKEN_ENV] = lock.token  # the job's rank 0 recognises the lock as its own
         if nproc <= 1:
@@ -104,7 +107,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
 
 def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -> int:
     """The real deepspeed launcher on 127.0.0.1, every rank given the resolved config file."""
-    from .distributed import free_port
+    from .distributed import QUIET_ENV, free_port
 
     resolved = Path(cfg.output_dir) / "config.yaml"
     cfg.save(resolved)
@@ -116,8 +119,11 @@ def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -
         # One thread per rank: two ranks on two cores crawl when each spawns a full pool.
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("MKL_NUM_THREADS", "1")
+        env.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning in every process
+    quiet = ["--quiet"] if env.get(QUIET_ENV) == "1" else []  # the launchers' own INFO lines
     cmd = [
         deepspeed,
+        *quiet,
         "--num_gpus",
         str(nproc),
         "--master_addr",
@@ -268,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             help="allow --nproc above the CUDA devices / CPU cores of this machine",
         )
         p.add_argument("--master_port", type=int, default=0, help="rendezvous port (default: a free one)")
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show the launcher's and third-party libraries' logs and loading bars (hidden by default)",
+        )
         if name == "evaluate":
             _add_evaluate_arguments(p)
     data = sub.add_parser("data", help="data preparation")

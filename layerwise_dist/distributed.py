@@ -66,6 +66,35 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+#: Set (to "1") by ``layerwise-dist`` without ``--verbose``: the ranks hide third-party logs and loading bars.
+QUIET_ENV = "LD_QUIET"
+
+
+def quiet() -> bool:
+    return os.environ.get(QUIET_ENV) == "1"
+
+
+def quiet_third_party() -> None:
+    """Without ``--verbose``: transformers' loading/saving bars and info lines, and DeepSpeed's info and
+    warning lines, are hidden (errors still show); the package's own log and one bar per stage remain."""
+    if not quiet():
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.ERROR)
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        pass
+
+
 def init_distributed() -> None:
     """Join the process group the launcher set up (deepspeed, torchrun, Ray); a group of one alone.
 
@@ -82,9 +111,14 @@ def init_distributed() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     prepare_shm_op()
+    import contextlib
+    import io
+
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend())
+    # DeepSpeed prints "... shm_comm_op built successfully" on stdout from every rank at each init.
+    with contextlib.redirect_stdout(io.StringIO()) if quiet() else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend=backend())
     release_shm_names()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())

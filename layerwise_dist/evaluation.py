@@ -578,10 +578,13 @@ def _run(
     model.eval()
     sums = torch.zeros(2 * len(ks) + 2, dtype=torch.float64)
     local: dict[str, list] = {"ranks": [], "scores": [], "target_index": [], "tokens": []}
-    log = distributed.get_logger()
-    start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    bar = tqdm(total=total, desc="evaluate", unit=" batch", disable=not (progress and distributed.is_main()),
+               dynamic_ncols=True, leave=False)  # fmt: skip
     try:
-        for i, batch in enumerate(batches):
+        for batch in batches:
             scores = forward_scores(model, batch, device, pointwise_score)
             sums += _metric_sums(scores, batch["target_index"], ks)
             if keep:
@@ -589,9 +592,9 @@ def _run(
                 local["scores"] += scores.float().cpu().tolist()
                 local["target_index"] += batch["target_index"].tolist()
                 local["tokens"] += tokens_per_example(batch, pointwise_score)
-            if progress and (i + 1) % 10 == 0:
-                log.info("eval: %d batches, %d examples, %.1fs", i + 1, int(sums[-1]), time.perf_counter() - start)
+            bar.update(1)
     finally:
+        bar.close()
         if was_training:
             model.train()
     # One all-reduce of sums for the averages: the metrics are means, so summing

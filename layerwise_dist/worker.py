@@ -60,8 +60,11 @@ def run_job(job: Callable[[RunConfig], dict[str, Any]], cfg: RunConfig | Callabl
     # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per collective:
     # thousands of identical lines that bury the progress bars. Not ours to fix; keep the rest.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    from .distributed import quiet_third_party
     from .errors import KNOWN_ERRORS, one_line
     from .trainer import StoppedBySignal, stop_signals
+
+    quiet_third_party()
 
     try:
         with stop_signals():

@@ -113,6 +113,14 @@ def test_pipeline_cli_tracks_in_mlflow(tmp_path):
     )
     _ok(out)
     assert "HR@10" in out.stdout and "report:" in out.stdout
+    # Quiet logs without --verbose (issue 13, item 8): no launcher INFO lines, no DeepSpeed accelerator or
+    # op-build chatter, no transformers loading/saving bars; one bar per stage, the student logged as such.
+    log = out.stdout + out.stderr
+    for noise in ("[launch.py:", "[runner.py:", "Setting accelerator to CPU", "built successfully",
+                  "Loading weights", "Writing model shards", "untested optimizer"):  # fmt: skip
+        assert noise not in log, noise
+    assert "distill:" in log and "evaluate:" in log and "fisher (parameter" in log
+    assert f"INFO student {results_dir}/tiny/student:" in log and f"INFO teacher {results_dir}" not in log
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir}/mlflow.db")
     exp = client.get_experiment_by_name("layerwise_dist")
     runs = client.search_runs([exp.experiment_id])

@@ -332,7 +332,7 @@ def quantization_config(cfg: TeacherConfig, dtype: torch.dtype):
     return None
 
 
-def load_teacher(cfg: TeacherConfig, ds_config: dict[str, Any] | None = None):
+def load_teacher(cfg: TeacherConfig, ds_config: dict[str, Any] | None = None, role: str = "teacher"):
     """Load the frozen teacher in eval mode.
 
     With ``cfg.placement == "zero3"`` and a stage-3 ``ds_config``, the model is
@@ -369,7 +369,8 @@ def load_teacher(cfg: TeacherConfig, ds_config: dict[str, Any] | None = None):
     model.requires_grad_(False)
     model.config.use_cache = False
     log.info(
-        "teacher %s: %s, quantization=%s, placement=%s, attention=%s",
+        "%s %s: %s, quantization=%s, placement=%s, attention=%s",
+        role,
         cfg.model,
         folder,
         cfg.quantization,

@@ -159,7 +159,7 @@ class EvaluateRecipe:
                 cfg.teacher, model=str(self.student_dir), quantization=quant, placement="replicate"
             )
             self.results["student_quantization"] = quant
-            models.append(("student", lambda: load_teacher(served).to(device())))
+            models.append(("student", lambda: load_teacher(served, role="student").to(device())))
         return models
 
     def run(self) -> dict[str, Any]:
