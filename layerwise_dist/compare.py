@@ -489,7 +489,7 @@ def run_compare(
             rows.append(row)
             tracker.log_metrics(
                 {
-                    f"{spec.label}/{k}": v
+                    f"eval/{spec.label}/{k}": v  # the scheme of every run: eval/<model>/<metric>
                     for k, v in row.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_")
                 }
