@@ -192,10 +192,25 @@ def forward_scores(
     """Candidate scores [B, C] of one batch (no grad; the caller sets eval mode).
 
     A batch with ``packed`` (pointwise) is scored by title likelihood with
-    ``pointwise_score`` (mean, sum or pmi); otherwise by the label letters' log-probs."""
+    ``pointwise_score`` (mean, sum or pmi), the LM head applied only where a candidate token is
+    predicted; otherwise by the label letters' log-probs from the answer-only head
+    (:func:`layerwise_dist.heads.answer_only_scores`: the decoder up to the answer position, the
+    vocabulary at that one position), equal to :func:`full_forward_scores` within 1e-5. A model the
+    answer-only head cannot take (no ``get_decoder``, e.g. the trainer's student-with-aligner engine)
+    is scored by the full path."""
     if "packed" in batch:
         with torch.no_grad():
             return pointwise_forward_scores(model, batch["packed"], pointwise_score)
+    hf = getattr(model, "module", model)
+    if hasattr(hf, "get_decoder") and hasattr(hf, "get_output_embeddings") and hf.get_output_embeddings() is not None:
+        from .heads import answer_only_scores
+
+        return answer_only_scores(model, batch)
+    return full_forward_scores(model, batch, device)
+
+
+def full_forward_scores(model: Any, batch: Mapping[str, Any], device: torch.device | None = None) -> torch.Tensor:
+    """Listwise candidate scores [B, C] from the full ``B x T x V`` logits (the reference path)."""
     device = device or model_device(model)
     ids, mask = _prompt_only(batch, device)
     with torch.no_grad():

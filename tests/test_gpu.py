@@ -215,7 +215,7 @@ def test_answer_only_scores_equal_the_full_path_on_cuda(dtype, record_property):
     head, so the only difference is the matmul's shape (B x H vs B*T x H): within 0.05 in log-probability."""
     from fisher_worker import make_batches
 
-    from layerwise_dist.evaluation import forward_scores
+    from layerwise_dist.evaluation import full_forward_scores
     from layerwise_dist.heads import answer_only_scores
     from layerwise_dist.models.tiny import tiny_llama
 
@@ -223,7 +223,7 @@ def test_answer_only_scores_equal_the_full_path_on_cuda(dtype, record_property):
     worst = 0.0
     for batch in make_batches(12, 4, seed=5):
         batch = {k: v.to("cuda") for k, v in batch.items()}
-        full = forward_scores(model, batch)
+        full = full_forward_scores(model, batch)
         fast = answer_only_scores(model, batch)
         worst = max(worst, float((full - fast).abs().max()))
     record_property(f"answer_only_max_abs_diff_{str(dtype).split('.')[-1]}", worst)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from fisher_worker import make_batches
 
-from layerwise_dist.evaluation import _logits, _prompt_only, forward_scores, target_ranks
+from layerwise_dist.evaluation import _logits, _prompt_only, forward_scores, full_forward_scores, target_ranks
 from layerwise_dist.heads import HeadError, answer_only_scores
 from layerwise_dist.models.tiny import tiny_llama
 
@@ -20,9 +20,10 @@ def test_answer_only_scores_equal_the_full_path(tied):
     batches = make_batches(12, 4, seed=5)
     assert any(len(set(b["attention_mask"].sum(1).tolist())) > 1 for b in batches)  # right padding exercised
     for batch in batches:
-        full = forward_scores(model, batch)
+        full = full_forward_scores(model, batch)
         fast = answer_only_scores(model, batch)
         torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
+        torch.testing.assert_close(forward_scores(model, batch), full, rtol=0, atol=1e-5)  # evaluation's path
         assert torch.equal(target_ranks(fast, batch["target_index"]), target_ranks(full, batch["target_index"]))
 
 
@@ -35,7 +36,7 @@ def test_unnormalised_scores_are_the_candidate_logits():
         logits = _logits(model(input_ids=ids, attention_mask=mask))
     at = logits[torch.arange(4), batch["answer_pos"]]
     torch.testing.assert_close(raw, at.gather(1, batch["candidate_token_ids"]), rtol=0, atol=1e-5)
-    full = forward_scores(model, batch)
+    full = full_forward_scores(model, batch)
     assert torch.equal(raw.argsort(dim=1), full.argsort(dim=1))  # the normaliser does not change the ranking
 
 
