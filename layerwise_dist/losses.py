@@ -1,7 +1,7 @@
 """Distillation losses: task CE, logit KD (forward KL, reverse KL, JSD) and hidden-state alignment.
 
-Two objectives, one per ``data.formulation``: :class:`DistillationLoss` (listwise prompts, full logits
-[B, T, V]) and :class:`PointwiseDistillationLoss` (a packed batch of candidate titles, logits at the
+Two objectives, one per ``data.formulation``: :class:`DistillationLoss` (listwise prompts; logits at the
+answer positions only with ``mask="answer"`` via :func:`listwise_forward`, full [B, T, V] with ``"all"``) and :class:`PointwiseDistillationLoss` (a packed batch of candidate titles, logits at the
 candidate positions only, plus list-level KD over the candidate scores); :func:`distillation_loss` picks one.
 
 Conventions (torchtune ``kd_losses`` style):
@@ -373,6 +373,30 @@ class DistillationLoss(nn.Module):
         v = min(v_s, v_t)
         return student_logits[..., :v], teacher_logits[..., :v]
 
+    def _kept_ce_kd(
+        self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE and KD from the ``[U, V]`` logits of the answer positions only (see :meth:`forward`)."""
+        if self.cfg.mask != "answer":
+            raise LossInputError(
+                f"logits of the answer positions only reached a loss with distill.mask={self.cfg.mask!r}: "
+                "KD over all tokens needs the full [B, T, V] logits (listwise_forward(..., mask='all'))"
+            )
+        keep = shifted_label_mask(labels)
+        count = int(keep.sum())
+        if s_logits.dim() != 2 or t_logits.dim() != 2 or s_logits.size(0) != count or t_logits.size(0) != count:
+            raise LossInputError(
+                f"answer-position logits must be [U, V] with U = {count} answer positions for student and "
+                f"teacher; got {tuple(s_logits.shape)} and {tuple(t_logits.shape)}"
+            )
+        following = torch.full_like(labels, IGNORE_INDEX)
+        following[:, :-1] = labels[:, 1:]  # the token each logit position predicts
+        targets = following[keep].to(s_logits.device)
+        ce = F.cross_entropy(s_logits.float(), targets, reduction="sum") / max(count, 1)
+        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
+        all_kept = torch.ones((1, count), dtype=torch.bool, device=s_kd.device)
+        return ce, self.kd(s_kd[None], t_kd[None], all_kept)
+
     def _alignment(
         self, student_out: Any, teacher_out: Any, keep: torch.Tensor, reference: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -402,15 +426,42 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Mapping[str, torch.Tensor]) -> tuple:
         """Returns ``(total, components)``; components hold detached fp32 scalars ``ce``, ``kd``, ``align``
-        and ``align_l<i>`` (unweighted alignment of student layer ``i``)."""
+        and ``align_l<i>`` (unweighted alignment of student layer ``i``).
+
+        Logits are either full ``[B, T, V]`` or, from :func:`listwise_forward` with ``cfg.mask == "answer"``,
+        the ``[U, V]`` rows of the U answer positions (``shifted_label_mask(labels)``, row-major): the same
+        CE and KD, computed from the only rows they read."""
         s_logits, t_logits = student_out.logits, teacher_out.logits.detach()
-        ce = self.ce(s_logits, batch["labels"])
-        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
-        kd = self.kd(s_kd, t_kd, token_mask(batch, self.cfg.mask))
+        if s_logits.dim() == 2 or t_logits.dim() == 2:
+            ce, kd = self._kept_ce_kd(s_logits, t_logits, batch["labels"])
+        else:
+            ce = self.ce(s_logits, batch["labels"])
+            s_kd, t_kd = self._kd_logits(s_logits, t_logits)
+            kd = self.kd(s_kd, t_kd, token_mask(batch, self.cfg.mask))
         align, per_layer = self._alignment(student_out, teacher_out, batch["attention_mask"], s_logits)
         total = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.align_weight * align
         components = {"ce": ce.detach(), "kd": kd.detach(), "align": align.detach(), **per_layer}
         return total, components
+
+
+def listwise_forward(model: Any, batch: Mapping[str, torch.Tensor], mask: str) -> Any:
+    """One forward of a listwise batch for :class:`DistillationLoss`: every hidden state, and logits where
+    the loss reads them.
+
+    ``mask="answer"``: the LM head runs only at the answer positions (``shifted_label_mask(labels)``, where CE
+    and KD live), logits ``[U, V]`` (:func:`layerwise_dist.heads.forward_keeping`); ``mask="all"``: the full
+    ``[B, T, V]``. ``model`` is a HF causal LM or anything forwarding its keyword arguments to one (a DeepSpeed
+    engine), so ZeRO-3 gathers parameters as in any forward.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if mask == "all":
+        return model(**inputs, output_hidden_states=True)
+    if mask != "answer":
+        raise LossInputError(f"mask must be one of {', '.join(typing.get_args(KDMask))}; got {mask!r}")
+    from .heads import forward_keeping
+
+    keep = shifted_label_mask(batch["labels"]).to(batch["input_ids"].device)
+    return forward_keeping(model, keep, **inputs, output_hidden_states=True)
 
 
 # --------------------------------------------------------------------------- pointwise

@@ -248,10 +248,12 @@ class DistillationRunner:
         A pointwise batch (with a ``packed`` entry) runs both models once on the packed candidates
         (:func:`layerwise_dist.losses.packed_forward`: block mask, LM head at the candidate positions
         only) into a :class:`~layerwise_dist.losses.PointwiseDistillationLoss`; a listwise batch runs
-        them on the prompts into a :class:`~layerwise_dist.losses.DistillationLoss`. Both forwards go
+        them on the prompts into a :class:`~layerwise_dist.losses.DistillationLoss`
+        (:func:`~layerwise_dist.losses.listwise_forward`: with ``distill.mask=answer`` the LM heads run at the
+        answer positions only, the full-vocabulary logits of every other position are never computed). Both forwards go
         through the engines' top modules, so ZeRO-3 gathers and releases parameters as usual.
         """
-        from .losses import PointwiseDistillationLoss, packed_forward
+        from .losses import PointwiseDistillationLoss, listwise_forward, packed_forward
 
         pointwise = isinstance(self.loss_fn, PointwiseDistillationLoss)
         if ("packed" in batch) != pointwise:
@@ -268,10 +270,10 @@ class DistillationRunner:
                 teacher_out = packed_forward(self.teacher, packed, teacher)
             student_out = packed_forward(self.engine, packed, self.module.student)
             return self.loss_fn(student_out, teacher_out, batch)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        # Logits only where CE/KD read them (distill.mask=answer: the answer positions), for both models.
         with torch.no_grad():
-            teacher_out = self.teacher(**inputs, output_hidden_states=True)
-        student_out = self.engine(**inputs, output_hidden_states=True)
+            teacher_out = listwise_forward(self.teacher, batch, self.cfg.distill.mask)
+        student_out = listwise_forward(self.engine, batch, self.cfg.distill.mask)
         return self.loss_fn(student_out, teacher_out, batch)
 
     def train(self) -> TrainState:

@@ -673,3 +673,62 @@ def test_pointwise_list_loss_gradients_and_errors():
         with torch.no_grad():
             logits = packed_forward(teacher, batch["packed"]).logits
         PointwiseListLoss(1.0)(logits, batch["packed"], batch["target_index"] + 100)
+
+
+@pytest.mark.parametrize("mask_supported", [True, False])
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "jsd"])
+def test_listwise_answer_only_logits_give_the_full_path_losses_and_gradients(monkeypatch, mask_supported, kd_loss):
+    """distill.mask=answer: the LM heads run at the answer positions only (``listwise_forward``); CE, KD,
+    alignment, the total and every student gradient equal the full [B, T, V] path (1e-6), on both
+    transformers paths of ``forward_keeping`` (boolean mask and 1D positions)."""
+    from fisher_worker import make_batches
+
+    import layerwise_dist.heads as heads
+    from layerwise_dist.losses import expose_layer_outputs, listwise_forward
+    from layerwise_dist.models.tiny import tiny_llama
+
+    monkeypatch.setattr(heads, "_mask_logits_to_keep_supported", lambda: mask_supported)
+    teacher = tiny_llama(vocab_size=256, num_layers=4, hidden=32, seed=1).eval()
+    student = tiny_llama(vocab_size=256, num_layers=2, hidden=32, seed=2).double()
+    teacher = teacher.double()
+    for m in (teacher, student):
+        expose_layer_outputs(m)
+    batch = make_batches(6, 3, seed=5)[0]
+    keep = shifted_label_mask(batch["labels"])
+    assert 0 < int(keep.sum()) < keep.numel() // 4  # a few answer tokens among many prompt tokens
+    cfg = DistillConfig(ce_weight=0.7, kd_weight=1.3, align_weight=0.5, kd_loss=kd_loss, temperature=2.0)
+    loss = DistillationLoss(cfg, [0.4, 0.6], layer_map=[1, 3], student_dim=32, teacher_dim=32)
+
+    def run(mask: str) -> tuple:
+        student.zero_grad()
+        with torch.no_grad():
+            t_out = listwise_forward(teacher, batch, mask)
+        s_out = listwise_forward(student, batch, mask)
+        total, comp = loss(s_out, t_out, batch)
+        total.backward()
+        return s_out.logits.shape, total.detach(), comp, {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    full_shape, full_total, full_comp, full_grads = run("all")
+    kept_shape, kept_total, kept_comp, kept_grads = run("answer")
+    assert full_shape == (*batch["input_ids"].shape, 256) and kept_shape == (int(keep.sum()), 256)
+    torch.testing.assert_close(kept_total, full_total, rtol=1e-6, atol=1e-6)
+    for name in full_comp:
+        torch.testing.assert_close(kept_comp[name], full_comp[name], rtol=1e-6, atol=1e-6)
+    assert full_comp["kd"] > 0 and full_comp["ce"] > 0
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_answer_position_logits_need_the_answer_mask_and_the_right_rows():
+    batch = _batch()
+    count = int(shifted_label_mask(batch["labels"]).sum())
+    kept = SimpleNamespace(logits=torch.randn(count, V), hidden_states=None)
+    loss = DistillationLoss(DistillConfig(mask="all"), [], layer_map=[], student_dim=8, teacher_dim=8)
+    with pytest.raises(LossInputError, match="mask='all'"):
+        loss(kept, kept, batch)
+    loss = DistillationLoss(DistillConfig(), [], layer_map=[], student_dim=8, teacher_dim=8)
+    short = SimpleNamespace(logits=torch.randn(count - 1, V), hidden_states=None)
+    with pytest.raises(LossInputError, match=f"U = {count} answer positions"):
+        loss(short, kept, batch)
+    total, comp = loss(kept, kept, batch)  # identical answer logits: no KD, CE only
+    assert comp["kd"].item() == pytest.approx(0.0, abs=1e-6) and total.item() == pytest.approx(comp["ce"].item())
