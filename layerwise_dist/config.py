@@ -254,9 +254,29 @@ class DistillConfig:
         1.0, "pointwise: weight of list-level KD (KL of the teacher's softmax over candidate scores to the student's)"
     )
     list_temperature: float = _f(1.0, "pointwise: temperature of the softmax over candidate scores in list-level KD")
+    teacher_cache: str = _f(
+        "",
+        "folder of offline teacher outputs (hidden states, top-k KD targets, scores), computed once per training "
+        "example and reused by every run reading it; empty = the teacher runs at every step",
+    )
+    cache_topk: int = _f(
+        0,
+        "teacher cache: 0 = the full vocabulary's logits at every loss position (KD as online; V x 2 bytes each in "
+        "bf16); k > 0 = the teacher's top-k tokens + one bin for the rest (far smaller; a lower bound of the KD: "
+        "benchmarks/bench_cache_topk.py measures how much of it)",
+    )
+    cache_dtype: str = _f("bf16", "teacher cache: dtype of the stored hidden states and full logits (bf16 or fp32)")
 
     def __post_init__(self) -> None:
         _check_choices("distill", self)
+        _positive("distill", "cache_topk", self.cache_topk, allow_zero=True)
+        if self.cache_dtype not in ("bf16", "fp32"):
+            raise ConfigError(f"distill.cache_dtype must be bf16 or fp32; got {self.cache_dtype!r}")
+        if self.teacher_cache and self.mask != "answer":
+            raise ConfigError(
+                "distill.teacher_cache stores the teacher's outputs at the positions with a loss (distill.mask=answer); "
+                "distill.mask=all needs the teacher online (distill.teacher_cache='')"
+            )
         for name in ("ce_weight", "kd_weight", "align_weight", "list_kd_weight"):
             _positive("distill", name, getattr(self, name), allow_zero=True)
         _positive("distill", "temperature", self.temperature)
@@ -437,6 +457,11 @@ class AblationConfig:
     )
     transfer_reviews: str = _f("", "transfer check: its data.reviews (empty = the source's default)")
     transfer_category: str = _f("", "transfer check: its data.category (empty = the source's default)")
+    teacher_cache: bool = _f(
+        True,
+        "compute the teacher's outputs once (<out>/teacher_cache: every layer any cell aligns to) and distil "
+        "every cell from them (distill.teacher_cache); false = the teacher runs at every step of every cell",
+    )
 
     def __post_init__(self) -> None:
         allowed = [s for s in typing.get_args(Selection) if s != "list"]

@@ -31,6 +31,7 @@ from layerwise_dist.config import AlignLoss, DistillConfig, KDLoss, KDMask, RunC
 from layerwise_dist.data.tokenize import IGNORE_INDEX
 from layerwise_dist.models.student import StudentError, validate_layer_map
 from layerwise_dist.pointwise import MASK_ATTN_IMPLEMENTATIONS, SCORE_MODES, PackedBatch
+from layerwise_dist.teacher_cache import CachedLogits, student_binned
 
 
 class LossInputError(ValueError):
@@ -373,8 +374,27 @@ class DistillationLoss(nn.Module):
         v = min(v_s, v_t)
         return student_logits[..., :v], teacher_logits[..., :v]
 
+    def _kd_rows(self, s_logits: torch.Tensor, t_logits: Any) -> torch.Tensor:
+        """KD over N positions: ``[N, V]`` student logits against ``[N, V]`` teacher logits, or against a
+        teacher cache's :class:`~layerwise_dist.teacher_cache.CachedLogits` (k + 1 bins: its top-k tokens and
+        the rest of the vocabulary; see :mod:`layerwise_dist.teacher_cache`)."""
+        every = torch.ones((1, s_logits.shape[0]), dtype=torch.bool, device=s_logits.device)
+        if isinstance(t_logits, CachedLogits):
+            temperature = self.cfg.temperature
+            if not math.isclose(t_logits.temperature, temperature):
+                raise LossInputError(
+                    f"the teacher cache holds KD targets at temperature {t_logits.temperature}; "
+                    f"distill.temperature is {temperature}"
+                )
+            s_bins = student_binned(s_logits, t_logits)
+            t_bins = t_logits.binned().to(s_bins.device)
+            # The KD losses take logits and apply log_softmax(x / T): T * log-probs gives the bins back.
+            return self.kd((temperature * s_bins)[None], (temperature * t_bins)[None], every)
+        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
+        return self.kd(s_kd[None], t_kd[None], every)
+
     def _kept_ce_kd(
-        self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor
+        self, s_logits: torch.Tensor, t_logits: Any, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """CE and KD from the ``[U, V]`` logits of the answer positions only (see :meth:`forward`)."""
         if self.cfg.mask != "answer":
@@ -384,18 +404,20 @@ class DistillationLoss(nn.Module):
             )
         keep = shifted_label_mask(labels)
         count = int(keep.sum())
-        if s_logits.dim() != 2 or t_logits.dim() != 2 or s_logits.size(0) != count or t_logits.size(0) != count:
+        t_rows = (
+            len(t_logits) if isinstance(t_logits, CachedLogits) else t_logits.size(0) if t_logits.dim() == 2 else -1
+        )
+        if s_logits.dim() != 2 or s_logits.size(0) != count or t_rows != count:
+            t_shape = f"{t_rows} cached rows" if isinstance(t_logits, CachedLogits) else tuple(t_logits.shape)
             raise LossInputError(
                 f"answer-position logits must be [U, V] with U = {count} answer positions for student and "
-                f"teacher; got {tuple(s_logits.shape)} and {tuple(t_logits.shape)}"
+                f"teacher; got {tuple(s_logits.shape)} and {t_shape}"
             )
         following = torch.full_like(labels, IGNORE_INDEX)
         following[:, :-1] = labels[:, 1:]  # the token each logit position predicts
         targets = following[keep].to(s_logits.device)
         ce = F.cross_entropy(s_logits.float(), targets, reduction="sum") / max(count, 1)
-        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
-        all_kept = torch.ones((1, count), dtype=torch.bool, device=s_kd.device)
-        return ce, self.kd(s_kd[None], t_kd[None], all_kept)
+        return ce, self._kd_rows(s_logits, t_logits)
 
     def _alignment(
         self, student_out: Any, teacher_out: Any, keep: torch.Tensor, reference: torch.Tensor
@@ -431,8 +453,8 @@ class DistillationLoss(nn.Module):
         Logits are either full ``[B, T, V]`` or, from :func:`listwise_forward` with ``cfg.mask == "answer"``,
         the ``[U, V]`` rows of the U answer positions (``shifted_label_mask(labels)``, row-major): the same
         CE and KD, computed from the only rows they read."""
-        s_logits, t_logits = student_out.logits, teacher_out.logits.detach()
-        if s_logits.dim() == 2 or t_logits.dim() == 2:
+        s_logits, t_logits = student_out.logits, _detached(teacher_out.logits)
+        if s_logits.dim() == 2 or isinstance(t_logits, CachedLogits) or t_logits.dim() == 2:
             ce, kd = self._kept_ce_kd(s_logits, t_logits, batch["labels"])
         else:
             ce = self.ce(s_logits, batch["labels"])
@@ -442,6 +464,10 @@ class DistillationLoss(nn.Module):
         total = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.align_weight * align
         components = {"ce": ce.detach(), "kd": kd.detach(), "align": align.detach(), **per_layer}
         return total, components
+
+
+def _detached(logits: Any) -> Any:
+    return logits if isinstance(logits, CachedLogits) else logits.detach()
 
 
 def listwise_forward(model: Any, batch: Mapping[str, torch.Tensor], mask: str) -> Any:
@@ -674,8 +700,11 @@ class PointwiseDistillationLoss(DistillationLoss):
             )
         keep, index = packed_logit_positions(packed)
         kept = int(keep.sum())
-        s_logits, t_logits = student_out.logits, teacher_out.logits.detach()
-        for who, logits in (("student", s_logits), ("teacher", t_logits)):
+        s_logits, t_logits = student_out.logits, _detached(teacher_out.logits)
+        cached = isinstance(t_logits, CachedLogits)
+        if cached and len(t_logits) != kept:
+            raise LossInputError(f"the teacher cache gave {len(t_logits)} positions for a batch with {kept}")
+        for who, logits in (("student", s_logits),) + (() if cached else (("teacher", t_logits),)):
             if logits.dim() != 2 or logits.shape[0] != kept:
                 raise LossInputError(
                     f"{who} logits {tuple(logits.shape)}: expected [{kept}, V], the positions that predict candidate "
@@ -686,16 +715,17 @@ class PointwiseDistillationLoss(DistillationLoss):
             raise LossInputError(f"target_index {target.tolist()} out of range for {packed.num_candidates} candidates")
 
         # Token-level KD on the candidate tokens (each at the position predicting it).
-        s_kd, t_kd = self._kd_logits(s_logits, t_logits)
-        every = torch.ones((1, index.numel()), dtype=torch.bool, device=index.device)
-        kd = self.kd(s_kd[index][None], t_kd[index][None], every)
+        kd = self._kd_rows(s_logits[index], t_logits.rows(index) if cached else t_logits[index])
 
         # Per-slot log-likelihoods of the candidates, then CE on the target and list-level KD on the scores.
         num_slots = packed.slot_row.numel()
         counts = torch.bincount(packed.token_slot, minlength=num_slots).float()
         sums = {}
         for who, logits in (("s", s_logits), ("t", t_logits)):
-            lp = _token_log_probs(logits, index, packed.token_target)
+            if who == "t" and getattr(teacher_out, "token_logp", None) is not None:
+                lp = teacher_out.token_logp.to(s_logits.device)  # a teacher cache's fp32 candidate-token log-probs
+            else:
+                lp = _token_log_probs(logits, index, packed.token_target)
             sums[who] = lp.new_zeros(num_slots).index_add(0, packed.token_slot, lp)
         group_starts = torch.cumsum(packed.num_groups * n_cand, 0) - packed.num_groups * n_cand
         target_slots = group_starts + target

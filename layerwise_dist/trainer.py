@@ -183,9 +183,11 @@ class DistillationRunner:
         valid_data: Sequence[dict[str, Any]] | None = None,
         tracker: Any = None,
         tokenizer: Any = None,
+        teacher_cache: Any = None,
     ) -> None:
         self.cfg = cfg
         self.teacher = teacher
+        self.teacher_cache = teacher_cache  # a TeacherCache: training steps read the teacher's outputs from it
         self.loss_fn = loss_fn
         self.train_data = train_data
         self.valid_data = valid_data
@@ -241,8 +243,79 @@ class DistillationRunner:
         except DataError as e:
             raise ConfigError(f"training data: {e}") from None
 
+    # ---------------------------------------------------------------- teacher cache
+    def _prepared(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch both models run on (pointwise: the packed groups the loss scores)."""
+        if "packed" in batch and hasattr(self.loss_fn, "scored_packed"):
+            return {**batch, "packed": self.loss_fn.scored_packed(batch["packed"])}
+        return batch
+
+    def _train_batches(self) -> list[list[int]]:
+        """The example indices of every micro-batch this rank trains on, step 0 to train.max_steps."""
+        t, sampler = self.cfg.train, self._sampler()
+        return [list(sampler.batch(i)) for i in range(t.max_steps * t.grad_accum)]
+
+    def build_teacher_cache(self) -> dict[str, float]:
+        """Teacher outputs of every training example this rank visits that the cache lacks (collective).
+
+        Logs the size of what it is about to write first. A ZeRO-3 teacher's forwards are collective: every
+        rank runs as many as the rank with the most work, the extra ones on a batch already cached (not written).
+        """
+        import torch.distributed as dist
+
+        from .distributed import backend, device
+        from .teacher_cache import format_bytes
+
+        cache = self.teacher_cache
+        wanted = [i for batch in self._train_batches() for i in batch]
+        missing = cache.missing(wanted)
+        size = self.cfg.train.micro_batch_size
+        groups = [missing[i : i + size] for i in range(0, len(missing), size)]
+        batches = [
+            self._prepared(load_batch(self.train_data, g, self.pad_token_id, self.engine.device)) for g in groups
+        ]
+        hidden = getattr(self.teacher, "module", self.teacher).config.hidden_size
+        vocab = getattr(self.teacher, "module", self.teacher).config.vocab_size
+        estimate = sum(cache.estimate_bytes(b, hidden, vocab) for b in batches)
+        rounds = len(batches)
+        if dist.is_available() and dist.is_initialized():
+            count = torch.tensor([rounds], dtype=torch.long, device=device() if backend() == "nccl" else "cpu")
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            rounds = int(count.item())
+        log.info(
+            "teacher cache %s: %d of this rank's %d training examples to compute, ~%s to write "
+            "(hidden states of teacher layers %s and %s KD targets, in %s)",
+            cache.folder,
+            len(missing),
+            len(set(wanted)),
+            format_bytes(estimate),
+            cache.layers,
+            f"top-{cache.settings['topk']}" if cache.settings["topk"] else "full-vocabulary",
+            cache.settings["dtype"],
+        )
+        self.teacher.eval()
+        stats = cache.build(self.teacher, zip(groups, batches), hidden, total=len(missing))
+        filler = batches[-1] if batches else None
+        for _ in range(rounds - len(batches)):  # keep the collective teacher forwards in step
+            if filler is None:
+                filler = self._prepared(
+                    load_batch(self.train_data, wanted[:size], self.pad_token_id, self.engine.device)
+                )
+            cache.teacher_outputs(self.teacher, filler)
+        stats["estimate_bytes"] = estimate
+        if stats["examples"]:
+            log.info(
+                "teacher cache: %d examples, %s written in %.1f s",
+                stats["examples"],
+                format_bytes(stats["bytes"]),
+                stats["seconds"],
+            )
+        return stats
+
     # ---------------------------------------------------------------- loop
-    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _forward_loss(
+        self, batch: dict[str, Any], indices: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher forward without grad, student forward through the engine, then the loss.
 
         A pointwise batch (with a ``packed`` entry) runs both models once on the packed candidates
@@ -262,17 +335,24 @@ class DistillationRunner:
                 f"{type(self.loss_fn).__name__}: build the loss with layerwise_dist.losses.distillation_loss(cfg, ...) "
                 "so that it follows data.formulation"
             )
+        batch = self._prepared(batch)
+        cached = self.teacher_cache is not None and indices is not None
         if pointwise:
-            packed = self.loss_fn.scored_packed(batch["packed"])
-            batch = {**batch, "packed": packed}
+            packed = batch["packed"]
             teacher = self.teacher.module if hasattr(self.teacher, "module") else self.teacher
-            with torch.no_grad():
-                teacher_out = packed_forward(self.teacher, packed, teacher)
+            if cached:
+                teacher_out = self.teacher_cache.outputs(indices, batch)
+            else:
+                with torch.no_grad():
+                    teacher_out = packed_forward(self.teacher, packed, teacher)
             student_out = packed_forward(self.engine, packed, self.module.student)
             return self.loss_fn(student_out, teacher_out, batch)
         # Logits only where CE/KD read them (distill.mask=answer: the answer positions), for both models.
-        with torch.no_grad():
-            teacher_out = listwise_forward(self.teacher, batch, self.cfg.distill.mask)
+        if cached:
+            teacher_out = self.teacher_cache.outputs(indices, batch)
+        else:
+            with torch.no_grad():
+                teacher_out = listwise_forward(self.teacher, batch, self.cfg.distill.mask)
         student_out = listwise_forward(self.engine, batch, self.cfg.distill.mask)
         return self.loss_fn(student_out, teacher_out, batch)
 
@@ -314,7 +394,7 @@ class DistillationRunner:
             for micro in range(t.grad_accum):
                 indices = sampler.batch(step * t.grad_accum + micro)
                 loss, parts = self._forward_loss(
-                    load_batch(self.train_data, indices, self.pad_token_id, self.engine.device)
+                    load_batch(self.train_data, indices, self.pad_token_id, self.engine.device), indices
                 )
                 self._check_finite(step, loss, parts)
                 self.engine.backward(loss)

@@ -55,6 +55,15 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
         res = json.loads((cell / "results.json").read_text())
         assert res["cell"]["name"] == name and res["student"]["n"] == 16
         assert (cell / "per_example" / "student.parquet").is_file() and (cell / "student" / "config.json").is_file()
+    # One teacher cache for both cells: the first cell builds it (each rank its own examples), the second reads it.
+    cache = run / "teacher_cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["layers"] and manifest["formulation"] == "listwise"
+    first = json.loads((run / "cells" / cells[0] / "results.json").read_text())["teacher_cache"]
+    second = json.loads((run / "cells" / cells[1] / "results.json").read_text())["teacher_cache"]
+    assert manifest["topk"] == 0 and manifest["dtype"] == "bf16"  # full-vocabulary logits by default
+    assert first["built_examples_rank0"] > 0 and second["built_examples_rank0"] == 0
+    assert len(list((cache / "examples").glob("*.safetensors"))) >= 2 * first["built_examples_rank0"] - 1
     task_history = json.loads((run / "cells" / "uniform+task_only" / "train_history.json").read_text())
     assert all(h["total"] == pytest.approx(h["ce"], rel=1e-5) for h in task_history)  # no KD, no alignment
     curve = json.loads((run / "cells" / "uniform+uniform" / "train_history.json").read_text())

@@ -9,7 +9,9 @@
 3. the teacher's Fisher profile (``<out>/fisher_profile.json``), shared by every cell;
 4. the cells (``<out>/cells/<selection>+<weighting>/``, plus ``<first selection>+task_only``: the
    student trained on the task loss alone, no distillation), each a nested run: the student built,
-   distilled for ``train.max_steps`` from the same teacher (loaded once, kept across cells), saved and
+   distilled for ``train.max_steps`` from the same teacher (loaded once, kept across cells; with
+   ``ablation.teacher_cache`` its outputs are computed once, by the first cell, for every layer any cell
+   aligns to, in ``<out>/teacher_cache/``, and every cell reads them: :mod:`layerwise_dist.teacher_cache`), saved and
    scored on the test users (per-example parquet); the first cell validates every
    ``ablation.curve_every`` steps (its learning curve);
 5. with ``ablation.transfer_source``: the (adapted) teacher and the best cell's student on that data
@@ -99,8 +101,9 @@ class AblationRecipe:
             recipe = FisherRecipe(session).setup()
             recipe.run()
             profile = recipe.save()
+        cache_layers = self._cache_layers(profile) if cfg.ablation.teacher_cache else None
         for i, cell in enumerate(self.cells):
-            self.cell_results[cell.name] = self._cell(cell, profile, curve=(i == 0))
+            self.cell_results[cell.name] = self._cell(cell, profile, curve=(i == 0), cache_layers=cache_layers)
         session.teacher.release()
         session.results["cells"] = {
             name: {"folder": str(self._cell_dir(name)), "student": r.get("student")}
@@ -173,7 +176,22 @@ class AblationRecipe:
             recipe.save()
             z.finish()
 
-    def _cell(self, cell: Any, profile: Any, curve: bool) -> dict[str, Any]:
+    def _cache_layers(self, profile: Any) -> list[int]:
+        """Every teacher layer some cell aligns to: the teacher cache stores them all, once."""
+        from ..models.student import select_layers
+
+        s = self.session.cfg.student
+        if s.layer_map:
+            return sorted(set(s.layer_map))
+        n = len(profile.scores)
+        layers: set[int] = set()
+        for cell in self.cells:
+            layers |= set(
+                select_layers(cell.selection, n, s.num_layers, fisher_scores=list(profile.scores), layers=s.layers)
+            )
+        return sorted(layers)
+
+    def _cell(self, cell: Any, profile: Any, curve: bool, cache_layers: list[int] | None = None) -> dict[str, Any]:
         from .distill import DistillRecipe
         from .evaluate import EvaluateRecipe
 
@@ -184,12 +202,16 @@ class AblationRecipe:
             log.info("ablation: cell %s already finished (%s)", cell.name, out)
             return json.loads((out / "results.json").read_text())
         cfg = cell.config(session.cfg, out, session.cfg.ablation.curve_every if curve else 0)
+        if cache_layers is not None:  # every cell reads the one cache (the first cell builds it)
+            cfg = dataclasses.replace(
+                cfg, distill=dataclasses.replace(cfg.distill, teacher_cache=str(session.out / "teacher_cache"))
+            )
         t0 = time.perf_counter()
         log.info("ablation: cell %s (%d of %d)", cell.name, self.cells.index(cell) + 1, len(self.cells))
         with session.meter.stage(f"cell:{cell.name}"), session.child(out, cfg, f"{session.out.name}-{cell.name}") as c:
             c.results["cell"] = {**dataclasses.asdict(cell), "name": cell.name}
             with c.meter.stage("distill"):
-                recipe = DistillRecipe(c, profile).setup().train()
+                recipe = DistillRecipe(c, profile, cache_layers=cache_layers).setup().train()
                 student_dir = recipe.save()
                 recipe.release(keep_teacher=True)
             with c.meter.stage("evaluate"):

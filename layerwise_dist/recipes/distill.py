@@ -119,10 +119,12 @@ def check_same_tokenizer(cfg: RunConfig) -> None:
 class DistillRecipe:
     """``setup`` (profile, student, layer weights, loss, engine) -> ``train`` -> ``save``."""
 
-    def __init__(self, session: RunSession, profile: Any = None) -> None:
+    def __init__(self, session: RunSession, profile: Any = None, cache_layers: list[int] | None = None) -> None:
         self.session = session
         self.cfg = session.cfg
         self.profile = profile
+        # distill.teacher_cache: the teacher layers it stores (the ablation's union over its cells; default: ours)
+        self.cache_layers = cache_layers
 
     def setup(self) -> DistillRecipe:
         from transformers import AutoConfig
@@ -205,6 +207,7 @@ class DistillRecipe:
         loss_fn = distillation_loss(  # the formulation's objective (listwise letters or pointwise titles)
             cfg, self.weights, self.layer_map, self.student.config.hidden_size, self.teacher_config.hidden_size
         )
+        cache = self._teacher_cache() if cfg.distill.teacher_cache else None
         valid = session.examples("valid")
         if cfg.train.valid_examples:
             valid = valid.select(range(min(len(valid), cfg.train.valid_examples)))
@@ -219,9 +222,43 @@ class DistillRecipe:
             valid_data=valid,
             tracker=session.tracker,
             tokenizer=session.tokenizer,
+            teacher_cache=cache,
         ).setup()
 
+    def _teacher_cache(self) -> Any:
+        from ..teacher_cache import TeacherCache
+
+        cfg = self.cfg
+        t = cfg.teacher
+        identity = f"{t.model}|{t.gguf_file}|{t.quantization}"
+        if t.model.startswith("tiny"):
+            identity += f"|{t.tiny_layers}x{t.tiny_hidden}|seed{t.tiny_seed}"
+        layers = sorted(set(self.cache_layers or []) | set(self.layer_map))
+        return TeacherCache(
+            cfg.distill.teacher_cache,
+            layers,
+            self.teacher_config.num_hidden_layers,
+            topk=cfg.distill.cache_topk,
+            temperature=cfg.distill.temperature,
+            formulation=cfg.data.formulation,
+            teacher=identity,
+            dtype=cfg.distill.cache_dtype,
+        ).open()
+
     def train(self) -> DistillRecipe:
+        if self.runner.teacher_cache is not None:
+            t0 = time.perf_counter()
+            stats = self.runner.build_teacher_cache()
+            self.session.timings["teacher_cache_s"] = time.perf_counter() - t0
+            if is_main():
+                self.session.results["teacher_cache"] = {
+                    "folder": str(self.runner.teacher_cache.folder),
+                    "layers": list(self.runner.teacher_cache.layers),
+                    **self.runner.teacher_cache.settings,
+                    "built_examples_rank0": int(stats["examples"]),
+                    "written_bytes_rank0": int(stats["bytes"]),
+                    "estimate_bytes_rank0": int(stats["estimate_bytes"]),
+                }
         t0 = time.perf_counter()
         self.state = self.runner.train()
         self.session.timings["distill_s"] = time.perf_counter() - t0
