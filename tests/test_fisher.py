@@ -237,6 +237,12 @@ def test_profile_views_and_json(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["form"] == "parameter"
     with pytest.raises(ValueError):
         FisherProfile(scores=[1.0], block_influence=[0.1, 0.2])
+    # One control without the other (a profile written by another tool): table and plot show what is there.
+    only_bi = FisherProfile(scores=[1.0, 2.0], block_influence=[0.2, 0.1])
+    assert "BI" in only_bi.summary() and "angular" not in only_bi.summary()
+    assert only_bi.plot(tmp_path / "bi.png").is_file()
+    only_angle = FisherProfile(scores=[1.0, 2.0], angular_distance=[0.2, 0.1])
+    assert "angular" in only_angle.summary() and only_angle.plot(tmp_path / "angle.png").is_file()
 
 
 def test_calculator_alias_on_a_dataset(model, batches):

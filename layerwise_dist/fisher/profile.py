@@ -138,7 +138,8 @@ class FisherProfile:
             lines.append(f"  spearman(Fisher, block influence) = {self.spearman(self.block_influence):+.3f}")
         split = bool(self.module_scores)
         header = f"  {'layer':>5} {'F_l':>12} {'share':>7}" + (f" {'attn%':>6}" if split else "")
-        header += f" {'BI':>8} {'angular':>8}" if self.block_influence else ""
+        header += f" {'BI':>8}" if self.block_influence else ""
+        header += f" {'angular':>8}" if self.angular_distance else ""
         lines.append(header)
         for i, s in enumerate(self.scores):
             row = f"  {i:>5} {s:>12.5g} {weights[i]:>7.2%}"
@@ -146,7 +147,9 @@ class FisherProfile:
                 attn = self.module_scores["attention"][i]
                 row += f" {attn / s:>6.1%}" if s > 0 else f" {'-':>6}"
             if self.block_influence:
-                row += f" {self.block_influence[i]:>8.4f} {self.angular_distance[i]:>8.4f}"
+                row += f" {self.block_influence[i]:>8.4f}"
+            if self.angular_distance:
+                row += f" {self.angular_distance[i]:>8.4f}"
             lines.append(row)
         return "\n".join(lines)
 
@@ -170,9 +173,14 @@ class FisherProfile:
             ax1.bar(layers, self.normalized(), color="tab:blue")
         ax1.set_ylabel("Fisher share")
         ax1.set_title(f"{self.model_id or 'model'}: {self.form} Fisher, {self.labels} labels, N={self.num_examples}")
-        if self.block_influence:
-            ax2.plot(layers, self.block_influence, marker="o", label="block influence (1 - cos)")
-            ax2.plot(layers, self.angular_distance, marker="s", label="angular distance / pi")
+        controls = (
+            ("block influence (1 - cos)", "o", self.block_influence),
+            ("angular distance / pi", "s", self.angular_distance),
+        )
+        for label, marker, values in controls:
+            if values:  # either may be absent (a profile written with one control only)
+                ax2.plot(layers, values, marker=marker, label=label)
+        if self.block_influence or self.angular_distance:
             ax2.legend()
         ax2.set_xlabel("layer")
         ax2.set_ylabel("control")
