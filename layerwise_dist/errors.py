@@ -18,6 +18,7 @@ def _known() -> tuple[type[BaseException], ...]:
     from .models.student import StudentError
     from .planner import PlanError
     from .runlock import RunLockedError
+    from .teacher_cache import CacheError
     from .tracking import TrackingError
     from .trainer import StoppedBySignal, TrainingDivergedError
     from .weighting import WeightingError
@@ -34,6 +35,7 @@ def _known() -> tuple[type[BaseException], ...]:
         ExportError,
         RunLockedError,
         PlanError,
+        CacheError,
         TrackingError,
         FileNotFoundError,
         json.JSONDecodeError,

@@ -178,8 +178,13 @@ class TeacherCache:
     def open(self) -> TeacherCache:
         """Create the folder and manifest, or check an existing manifest against these settings (every rank)."""
         manifest = self.folder / "manifest.json"
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CacheError(f"teacher cache {self.folder} is a file, not a folder")
         if manifest.is_file():
-            have = json.loads(manifest.read_text())
+            try:
+                have = json.loads(manifest.read_text())
+            except (OSError, ValueError) as e:
+                raise CacheError(f"teacher cache {manifest} is unreadable ({e}): remove the folder") from None
             differ = {k: (have.get(k), v) for k, v in self.settings.items() if have.get(k) != v}
             if differ:
                 raise CacheError(
@@ -290,6 +295,20 @@ class TeacherCache:
             tensors["token_logp"] = lp[packed.token_row == b].float()
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
+    def _read(self, index: int) -> dict[str, torch.Tensor] | None:
+        """One example's tensors, None when it was never written; a corrupt file is a CacheError naming it."""
+        from safetensors.torch import load
+
+        path = self.path(index)
+        if not path.is_file():
+            return None
+        try:
+            return load(path.read_bytes())
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise CacheError(
+                f"teacher cache file {path} is corrupt ({type(e).__name__}: {e}): delete it to recompute"
+            ) from None
+
     def _write(self, index: int, tensors: dict[str, torch.Tensor]) -> int:
         from safetensors.torch import save
 
@@ -300,11 +319,9 @@ class TeacherCache:
     # ------------------------------------------------------------ read
     def outputs(self, indices: Sequence[int], batch: Mapping[str, Any]) -> CachedTeacherOutput:
         """The cached teacher outputs of the batch collated from the examples at ``indices``."""
-        from safetensors.torch import load
-
         keep, ids, lengths = _keep_rows(batch)
         device = ids.device
-        rows = [load(self.path(int(i)).read_bytes()) if self.path(int(i)).is_file() else None for i in indices]
+        rows = [self._read(int(i)) for i in indices]
         absent = [int(i) for i, r in zip(indices, rows) if r is None]
         if absent:
             raise CacheError(f"teacher cache {self.folder} has no outputs for examples {absent[:5]}: build it first")
@@ -351,6 +368,7 @@ class TeacherCache:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

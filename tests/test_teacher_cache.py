@@ -152,6 +152,15 @@ def test_a_cache_that_does_not_match_the_run_is_refused(tmp_path):
         cache.outputs([3], _batch(data, [3], tok, loss))
     with pytest.raises(CacheError, match="outside the teacher"):
         TeacherCache(tmp_path / "x", [4], 4, 16, 2.0, "listwise", "tiny")
+    cache.path(3).write_bytes(cache.path(0).read_bytes()[:100])  # truncated: one line naming the file
+    with pytest.raises(CacheError, match="3.safetensors is corrupt"):
+        cache.outputs([3], _batch(data, [3], tok, loss))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CacheError, match="is a file, not a folder"):
+        TeacherCache(tmp_path / "file", [0], 4, 16, 2.0, "listwise", "tiny").open()
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="unreadable"):
+        TeacherCache(*args).open()
     cached = cache.outputs([1], _batch(data, [1], tok, loss))
     bad = DistillConfig(temperature=1.0)
     with pytest.raises(ValueError, match="temperature 2.0"):
