@@ -36,7 +36,7 @@ def main() -> None:
     from layerwise_dist.config import load_config
     from layerwise_dist.data import build_examples, load_splits, tokenize_examples
     from layerwise_dist.data.sampler import load_batch
-    from layerwise_dist.losses import distillation_loss, kd_loss_from_config, listwise_forward, packed_forward
+    from layerwise_dist.losses import distillation_loss, forward_for_loss, kd_loss_from_config
     from layerwise_dist.models.teacher import load_tokenizer
     from layerwise_dist.teacher_cache import CachedLogits, student_binned
 
@@ -60,13 +60,11 @@ def main() -> None:
             indices = list(range(start, min(start + args.batch, len(data))))
             batch = load_batch(data, indices, tok.pad_token_id)
             if "packed" in batch:
-                packed = loss.scored_packed(batch["packed"])
-                batch = {**batch, "packed": packed}
-                outs = [packed_forward(models[n], packed) for n in ("teacher", "student")]
-                tokens += sum(packed.lengths)
+                batch = {**batch, "packed": loss.scored_packed(batch["packed"])}
+                tokens += sum(batch["packed"].lengths)
             else:
-                outs = [listwise_forward(models[n], batch, "answer") for n in ("teacher", "student")]
                 tokens += int(batch["attention_mask"].sum())
+            outs = [forward_for_loss(models[n], batch) for n in ("teacher", "student")]
             t_logits, s_logits = outs[0].logits, outs[1].logits
             n = t_logits.shape[0]
             every = torch.ones(1, n, dtype=torch.bool)

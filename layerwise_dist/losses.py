@@ -543,6 +543,16 @@ def packed_forward(model: Any, packed: PackedBatch, hf_model: nn.Module | None =
     )
 
 
+def forward_for_loss(
+    model: Any, batch: Mapping[str, Any], mask: str = "answer", hf_model: nn.Module | None = None
+) -> Any:
+    """The forward a distillation loss reads: :func:`packed_forward` for a pointwise batch (``hf_model`` as
+    there), :func:`listwise_forward` with ``mask`` for a listwise one."""
+    if "packed" in batch:
+        return packed_forward(model, batch["packed"], hf_model)
+    return listwise_forward(model, batch, mask)
+
+
 def _mask_to(mask: Any, device: torch.device) -> Any:
     """A packed batch's mask (a tensor, or one per layer type for sliding-window models) on ``device``."""
     return {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)

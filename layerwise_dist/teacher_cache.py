@@ -259,12 +259,9 @@ class TeacherCache:
     @torch.no_grad()
     def teacher_outputs(self, teacher: Any, batch: Mapping[str, Any]) -> Any:
         """One online teacher forward of ``batch`` with logits at the loss positions only."""
-        from .losses import listwise_forward, packed_forward
+        from .losses import forward_for_loss
 
-        if "packed" in batch:
-            hf = teacher.module if hasattr(teacher, "module") else teacher
-            return packed_forward(teacher, batch["packed"], hf)
-        return listwise_forward(teacher, batch, "answer")
+        return forward_for_loss(teacher, batch, "answer", getattr(teacher, "module", teacher))
 
     def _example_tensors(self, out: Any, batch: Mapping[str, Any], b: int) -> dict[str, torch.Tensor]:
         keep, ids, lengths = _keep_rows(batch)

@@ -326,7 +326,7 @@ class DistillationRunner:
         answer positions only, the full-vocabulary logits of every other position are never computed). Both forwards go
         through the engines' top modules, so ZeRO-3 gathers and releases parameters as usual.
         """
-        from .losses import PointwiseDistillationLoss, listwise_forward, packed_forward
+        from .losses import PointwiseDistillationLoss, forward_for_loss
 
         pointwise = isinstance(self.loss_fn, PointwiseDistillationLoss)
         if ("packed" in batch) != pointwise:
@@ -336,24 +336,13 @@ class DistillationRunner:
                 "so that it follows data.formulation"
             )
         batch = self._prepared(batch)
-        cached = self.teacher_cache is not None and indices is not None
-        if pointwise:
-            packed = batch["packed"]
-            teacher = self.teacher.module if hasattr(self.teacher, "module") else self.teacher
-            if cached:
-                teacher_out = self.teacher_cache.outputs(indices, batch)
-            else:
-                with torch.no_grad():
-                    teacher_out = packed_forward(self.teacher, packed, teacher)
-            student_out = packed_forward(self.engine, packed, self.module.student)
-            return self.loss_fn(student_out, teacher_out, batch)
-        # Logits only where CE/KD read them (distill.mask=answer: the answer positions), for both models.
-        if cached:
+        mask = self.cfg.distill.mask  # logits only where CE/KD read them, for both models
+        if self.teacher_cache is not None and indices is not None:
             teacher_out = self.teacher_cache.outputs(indices, batch)
         else:
             with torch.no_grad():
-                teacher_out = listwise_forward(self.teacher, batch, self.cfg.distill.mask)
-        student_out = listwise_forward(self.engine, batch, self.cfg.distill.mask)
+                teacher_out = forward_for_loss(self.teacher, batch, mask, getattr(self.teacher, "module", self.teacher))
+        student_out = forward_for_loss(self.engine, batch, mask, self.module.student)
         return self.loss_fn(student_out, teacher_out, batch)
 
     def train(self) -> TrainState:
