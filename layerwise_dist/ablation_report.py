@@ -233,7 +233,7 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         ]:
             transfer["rankers"][name] = {k: res.get(k) for k in (*METRICS, "n", "ci95")}
         transfer["paired"] = {k: v.get("ndcg@10") for k, v in (t.get("paired") or {}).items()}
-    return {
+    data = {
         "run": str(run),
         "transfer": transfer,
         "setup": {
@@ -262,9 +262,16 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "h3": h3,
         "selection": selection_pairs,
         "headline": headline,
-        "curve": {"cell": first, "points": curve},
-        "wall_s": _wall(run, cells),
+        "curve": {"cell": first, "points": curve, **plateau(curve)},
+        "speed_memory": {
+            "measured_on": order[0] if order else None,
+            "speedup": comparison.get("speedup"),
+            "memory_reduction": (comparison.get("memory_reduction") or {}).get("memory_model_bytes"),
+        },
+        "wall_s": _wall(run, order),
     }
+    data["goals"] = goals(data)
+    return data
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -275,10 +282,137 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+COMPUTE_BUDGET_S = 5 * 3600.0
+
+
 def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
+    """Wall seconds per stage over every sitting, and their total against the 5-hour budget.
+
+    Each stage's figure comes from the compute ledger (``compute.json``: every sitting's seconds, added
+    as they ran, also for a sitting stopped in the middle of the stage) where it holds the stage, else
+    from the stage's own files, which count only the sitting that finished it: ``zero_shot/results.json``,
+    ``adapt/summary.json`` (steps x seconds per step + load + export), ``cells/<name>/cell.json``,
+    ``transfer/results.json`` and the final evaluation's timings. A stage neither records is listed as
+    not recorded, so the total is a lower bound then and says so.
+    """
+    ledger = (_load(run / "compute.json").get("stages")) or {}
     top = _load(run / "results.json")
-    out = {"final_stage_s": (top.get("timings") or {}).get("total_s")}
-    out["cells_s"] = {n: _load(run / "cells" / n / "cell.json").get("wall_s") for n in cells}
+    timings = top.get("timings") or {}
+    summary = _load(run / "adapt" / "summary.json")
+    fallbacks: dict[str, tuple[float | None, str]] = {
+        "fisher_zero_shot": (
+            (_load(run / "zero_shot" / "results.json").get("timings") or {}).get("total_s"),
+            "zero_shot/results.json",
+        ),
+        "adapt": (
+            (
+                summary["seconds_per_step"] * summary["steps"]
+                + summary.get("base_load_s", 0)
+                + summary.get("export_s", 0)
+            )
+            if summary.get("complete") and summary.get("seconds_per_step")
+            else None,
+            "adapt/summary.json",
+        ),
+        "fisher": (timings.get("fisher_s"), "results.json timings"),
+        **{f"cell:{n}": (_load(run / "cells" / n / "cell.json").get("wall_s"), f"cells/{n}/cell.json") for n in cells},
+        "transfer": (
+            (_load(run / "transfer" / "results.json").get("timings") or {}).get("total_s"),
+            "transfer/results.json",
+        ),
+        "final_evaluation": (
+            sum(v for k, v in timings.items() if k.startswith("eval_")) or None,
+            "results.json timings (eval_*)",
+        ),
+    }
+    wanted = ["fisher_zero_shot", "adapt", "fisher", *(f"cell:{n}" for n in cells), "transfer", "final_evaluation"]
+    if not summary:
+        wanted.remove("adapt")
+    if not (run / "zero_shot").is_dir() and "fisher_zero_shot" not in ledger:
+        wanted.remove("fisher_zero_shot")
+    if not (run / "transfer").is_dir() and "transfer" not in ledger:
+        wanted.remove("transfer")
+    stages = []
+    for name in [*wanted, *(n for n in ledger if n not in wanted)]:
+        if name in ledger:
+            entry = ledger[name]
+            stages.append(
+                {"stage": name, "wall_s": entry["wall_s"], "source": f"compute.json ({entry['sittings']} sittings)"}
+            )
+        else:
+            seconds, source = fallbacks.get(name, (None, ""))
+            stages.append(
+                {"stage": name, "wall_s": seconds, "source": source if seconds is not None else "not recorded"}
+            )
+    total = sum(s["wall_s"] for s in stages if s["wall_s"] is not None)
+    missing = [s["stage"] for s in stages if s["wall_s"] is None]
+    return {
+        "stages": stages,
+        "total_s": total,
+        "complete": not missing,
+        "not_recorded": missing,
+        "budget_s": COMPUTE_BUDGET_S,
+        "within_budget": total <= COMPUTE_BUDGET_S,
+        "cells_s": {n: next(s["wall_s"] for s in stages if s["stage"] == f"cell:{n}") for n in cells},
+    }
+
+
+def plateau(points: Sequence[Mapping[str, Any]], tolerance: float = 0.02) -> dict[str, Any]:
+    """Has validation NDCG@10 stopped rising over the step budget?
+
+    ``plateau`` is true when the last point is within ``tolerance`` of the best one and the points of
+    the budget's second half rise by less than ``tolerance`` (least-squares slope x the half's length).
+    With a few dozen validation users the curve moves by a few hundredths from noise alone, so a
+    tolerance below that would call noise a trend; the figures it used are returned with the verdict.
+    """
+    if len(points) < 3:
+        return {"plateau": None, "reason": f"{len(points)} validation points; at least 3 are needed"}
+    steps = np.array([p["step"] for p in points], dtype=float)
+    vals = np.array([p["valid_ndcg@10"] for p in points], dtype=float)
+    half = steps >= (steps[0] + steps[-1]) / 2
+    if half.sum() >= 2:
+        slope = float(np.polyfit(steps[half], vals[half], 1)[0])
+        rise = slope * float(steps[half][-1] - steps[half][0])
+    else:
+        rise = 0.0
+    gap = float(vals.max() - vals[-1])
+    flat = gap <= tolerance and rise < tolerance
+    return {
+        "plateau": bool(flat),
+        "best_step": int(steps[int(vals.argmax())]),
+        "best": float(vals.max()),
+        "last": float(vals[-1]),
+        "rise_second_half": rise,
+        "tolerance": tolerance,
+    }
+
+
+def goals(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 11's goal figures, met or not, from the collected figures."""
+    out = []
+    teacher = "the adapted teacher" if data["setup"].get("adapted") else "the teacher"
+    layers = str(data["headline"]["measured"].get("layers") or "")
+    student = f"{layers.split('->')[-1].strip()}-layer student" if "->" in layers else "student"
+    pair = next((p for p in data["paired"] if p["a"] == "teacher" and p["b"] == "popularity"), None)
+    if pair and pair.get("ndcg@10"):
+        d = pair["ndcg@10"]
+        lo = (d.get("ci95") or [float("nan")])[0]
+        out.append(
+            {
+                "goal": f"{teacher} beats popularity (paired NDCG@10 difference above 0)",
+                "measured": _diff_cell(d),
+                "met": bool(lo > 0),
+            }
+        )
+    m = data["headline"]["measured"]
+    if m.get("retention_ndcg@10_best") is not None:
+        out.append(
+            {
+                "goal": f"the best {student} keeps at least 95% of {teacher}'s NDCG@10",
+                "measured": f"{_fmt_ci(m['retention_ndcg@10_best'], m['retention_ci95_best'], 3)} ({m['best_cell']})",
+                "met": bool(m["retention_ndcg@10_best"] >= 0.95),
+            }
+        )
     return out
 
 
@@ -317,6 +451,16 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
             f"| {name} | {layers} | {_fmt_ci(r.get('ndcg@10'), ci.get('ndcg@10'))} | "
             f"{_fmt_ci(r.get('hr@10'), ci.get('hr@10'))} | {_fmt_ci(r.get('mrr'), ci.get('mrr'))} | {retained} |"
         )
+    sm = data["speed_memory"]
+    if sm["measured_on"] and sm["speedup"] is not None:
+        mem = sm["memory_reduction"]
+        lines += [
+            "",
+            f"Speed and memory: every student has the same architecture ({data['headline']['measured']['layers']} "
+            f"layers of the teacher), so they are measured once, on {sm['measured_on']}'s student beside the teacher "
+            f"in one process: rec-scoring speedup {sm['speedup']:.2f}x, memory reduction (parameters + buffers) "
+            f"{'n/a' if mem is None else f'{mem:.1%}'}.",
+        ]
     lines += [
         "",
         "## Paired differences (NDCG@10, a - b)",
@@ -361,6 +505,10 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
     lines.append(f"| rec-scoring speedup | {o['speedup']}x | {speed_s} |")
     lines.append(f"| memory reduction (parameters + buffers) | {o['memory_reduction']:.0%} | {mem_s} |")
     lines.append(f"| layers | {o['layers']} | {m['layers']} |")
+    if data["goals"]:
+        lines += ["", "## Goal figures", "", "| goal | measured | met |", "|---|---|---|"]
+        for g in data["goals"]:
+            lines.append(f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |")
     curve = data["curve"]
     if curve["points"]:
         lines += ["", f"## Learning curve ({curve['cell']}, validation users)", ""]
@@ -368,6 +516,16 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
         for pt in curve["points"]:
             loss = pt["valid_total"]
             lines.append(f"| {pt['step']} | {pt['valid_ndcg@10']:.4f} | {'n/a' if loss is None else f'{loss:.4f}'} |")
+        if curve.get("plateau") is None:
+            lines += ["", f"Plateau: not judged ({curve.get('reason')})."]
+        else:
+            lines += [
+                "",
+                f"Plateau: {'reached' if curve['plateau'] else 'not reached'} (best {curve['best']:.4f} at step "
+                f"{curve['best_step']}, last {curve['last']:.4f}; rise over the second half of the budget "
+                f"{curve['rise_second_half']:+.4f}; tolerance {curve['tolerance']}: below it the validation "
+                "sample's noise, not training, moves the curve).",
+            ]
     tr = data.get("transfer") or {}
     if tr:
         d = tr.get("data") or {}
@@ -383,10 +541,15 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
             if d and pair.startswith("student - "):
                 lines.append(f"\n- {pair} (NDCG@10, paired): {_diff_cell(d)}")
     wall = data["wall_s"]
-    cells_s = sum(v for v in wall["cells_s"].values() if v)
+    lines += ["", "## Compute (wall time, 2 ranks, every sitting)", "", "| stage | wall s | from |", "|---|---|---|"]
+    for st in wall["stages"]:
+        sec = "not recorded" if st["wall_s"] is None else f"{st['wall_s']:,.0f}"
+        lines.append(f"| {st['stage']} | {sec} | {st['source']} |")
+    bound = "" if wall["complete"] else f" (a lower bound: {', '.join(wall['not_recorded'])} not recorded)"
     lines += [
         "",
-        f"Wall time: cells {cells_s:,.0f} s in all; final evaluation stage {wall['final_stage_s'] or 0:,.0f} s.",
+        f"Total: {wall['total_s']:,.0f} s = {wall['total_s'] / 3600:.2f} h{bound}; budget "
+        f"{wall['budget_s'] / 3600:.0f} h: {'within' if wall['within_budget'] else 'over'}.",
         "",
     ]
     _charts(data, run)

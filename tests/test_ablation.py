@@ -7,8 +7,9 @@ import json
 import pytest
 
 from conftest import run_cli
+from layerwise_dist.ablation_report import _wall, plateau
 from layerwise_dist.config import ConfigError, load_config
-from layerwise_dist.recipes.ablation import Cell, ablation_cells
+from layerwise_dist.recipes.ablation import Cell, ablation_cells, add_compute, counted
 
 
 def test_cells_and_their_configs(tmp_path):
@@ -32,6 +33,36 @@ def test_cells_and_their_configs(tmp_path):
         load_config("tiny", ["ablation.selections=[list]"])
     with pytest.raises(ConfigError, match="ablation.weightings must name"):
         load_config("tiny", ["ablation.weightings=[]"])
+
+
+def test_plateau_judges_the_second_half_of_the_curve():
+    def pts(vals):
+        return [{"step": 25 * (i + 1), "valid_ndcg@10": v} for i, v in enumerate(vals)]
+
+    flat = plateau(pts([0.325, 0.286, 0.299, 0.320, 0.313, 0.321]))
+    assert flat["plateau"] is True and flat["best_step"] == 25 and flat["last"] == pytest.approx(0.321)
+    rising = plateau(pts([0.20, 0.22, 0.25, 0.28, 0.31, 0.34]))  # still climbing at the end of the budget
+    assert rising["plateau"] is False and rising["rise_second_half"] == pytest.approx(0.06, abs=1e-9)
+    fell = plateau(pts([0.30, 0.40, 0.39, 0.36, 0.35, 0.35]))  # the last point far below the best
+    assert fell["plateau"] is False and fell["best"] == pytest.approx(0.40)
+    assert plateau(pts([0.3, 0.3]))["plateau"] is None
+
+
+def test_compute_ledger_adds_every_sitting_and_the_report_prefers_it(tmp_path):
+    (tmp_path / "cells" / "a").mkdir(parents=True)
+    (tmp_path / "cells" / "b").mkdir(parents=True)
+    (tmp_path / "cells" / "a" / "cell.json").write_text(json.dumps({"wall_s": 100.0}))  # the last sitting only
+    (tmp_path / "cells" / "b" / "cell.json").write_text(json.dumps({"wall_s": 50.0}))
+    add_compute(tmp_path, "cell:a", 30.0)  # a sitting stopped inside cell a
+    with pytest.raises(RuntimeError), counted(tmp_path, "cell:a"):  # the sitting that finished it (here: fails)
+        raise RuntimeError("stopped")
+    ledger = json.loads((tmp_path / "compute.json").read_text())["stages"]
+    assert ledger["cell:a"]["sittings"] == 2 and 30.0 <= ledger["cell:a"]["wall_s"] < 31.0
+    wall = _wall(tmp_path, ["a", "b"])
+    by = {s["stage"]: s for s in wall["stages"]}
+    assert by["cell:a"]["source"].startswith("compute.json") and by["cell:b"]["wall_s"] == 50.0
+    assert by["fisher"]["wall_s"] is None and wall["complete"] is False and "fisher" in wall["not_recorded"]
+    assert wall["total_s"] == pytest.approx(ledger["cell:a"]["wall_s"] + 50.0) and wall["within_budget"]
 
 
 def _ok(out):
@@ -74,6 +105,10 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     report = (run / "ablation_report.md").read_text()
     for section in ("## Every ranker on the same users", "## H3:", "## H1:", "Layerwise-Adapter headline"):
         assert section in report
+    for section in ("## Goal figures", "## Compute (wall time", "Plateau: not judged (2 validation points"):
+        assert section in report
+    ledger = json.loads((run / "compute.json").read_text())["stages"]
+    assert {"fisher", *(f"cell:{n}" for n in cells), "transfer", "final_evaluation"} <= set(ledger)
     data = json.loads((run / "ablation.json").read_text())
     assert set(cells) <= set(data["rankers"]) and {"random", "popularity", "teacher"} <= set(data["rankers"])
     assert (

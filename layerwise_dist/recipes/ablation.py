@@ -23,13 +23,19 @@
 Resumable at the granularity of a stage and a cell (``train.resume=true``, which ``layerwise-dist
 ablation`` sets): a finished cell (``cell.json``) is never recomputed, an interrupted one continues
 from its last checkpoint, a finished adaptation and Fisher profile are reused.
+
+Compute over sittings: every stage adds its wall seconds in this sitting to ``<out>/compute.json``
+(rank 0; ``{"stages": {name: {"wall_s": total, "sittings": k}}}``), also when the sitting is stopped
+in the middle of it, so the report's total counts every sitting's work, not only the last one's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,32 @@ from .session import RunSession
 log = get_logger()
 
 CELL_DONE = "cell.json"
+COMPUTE_LEDGER = "compute.json"
+
+
+def add_compute(out: Path, stage: str, seconds: float) -> None:
+    """Add one sitting's ``seconds`` of ``stage`` to ``<out>/compute.json`` (written whole, then renamed)."""
+    path = out / COMPUTE_LEDGER
+    ledger = json.loads(path.read_text()) if path.is_file() else {}
+    stages = ledger.setdefault("stages", {})
+    entry = stages.setdefault(stage, {"wall_s": 0.0, "sittings": 0})
+    entry["wall_s"] = round(entry["wall_s"] + seconds, 3)
+    entry["sittings"] += 1
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ledger, indent=2))
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def counted(out: Path, stage: str) -> Iterator[None]:
+    """Time the block and add it to the compute ledger on rank 0, whether it finishes, fails or is stopped."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if is_main():
+            with contextlib.suppress(OSError):
+                add_compute(out, stage, time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -91,28 +123,35 @@ class AblationRecipe:
         from .jobs import _adapt_teacher, _finish_with_eval
 
         session, cfg = self.session, self.session.cfg
+        out = session.out
         if cfg.adapt.enabled and cfg.ablation.zero_shot_fisher:
-            self._zero_shot_fisher()
+            with counted(out, "fisher_zero_shot"):
+                self._zero_shot_fisher()
         if cfg.adapt.enabled:
             session.teacher.release()  # the adaptation engine needs the room
-            if not _adapt_teacher(session):
+            with counted(out, "adapt"):
+                adapted = _adapt_teacher(session)
+            if not adapted:
                 return session.finish()  # stopped early (train.stop_at_step); resume continues it
-        with session.meter.stage("fisher"):
+        with session.meter.stage("fisher"), counted(out, "fisher"):
             recipe = FisherRecipe(session).setup()
             recipe.run()
             profile = recipe.save()
         cache_layers = self._cache_layers(profile) if cfg.ablation.teacher_cache else None
         for i, cell in enumerate(self.cells):
-            self.cell_results[cell.name] = self._cell(cell, profile, curve=(i == 0), cache_layers=cache_layers)
+            with counted(out, f"cell:{cell.name}"):
+                self.cell_results[cell.name] = self._cell(cell, profile, curve=(i == 0), cache_layers=cache_layers)
         session.teacher.release()
         session.results["cells"] = {
             name: {"folder": str(self._cell_dir(name)), "student": r.get("student")}
             for name, r in self.cell_results.items()
         }
         if cfg.ablation.transfer_source:
-            self._transfer()
+            with counted(out, "transfer"):
+                self._transfer()
         first = self._cell_dir(self.cells[0].name) / "student"
-        results = _finish_with_eval(session, first)
+        with counted(out, "final_evaluation"):
+            results = _finish_with_eval(session, first)
         if is_main():
             from ..ablation_report import write_ablation_report
 
