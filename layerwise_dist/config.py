@@ -342,6 +342,10 @@ class TrainConfig:
     warmup_steps: int = _f(4, "linear warmup steps before the cosine decay")
     grad_clip: float = _f(1.0, "gradient clipping norm (0 = off)")
     eval_every: int = _f(0, "validation loss every N steps (0 = only at the end)")
+    final_validation: bool = _f(
+        True,
+        "validate once more after the last step (skipped when that step already did); the ablation turns it off for cells whose test evaluation follows",
+    )
     valid_examples: int = _f(16, "validation examples used for the validation loss (0 = the whole validation split)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     log_every: int = _f(1, "log losses every N steps")

@@ -363,7 +363,7 @@ class DistillationRunner:
             elapsed = time.perf_counter() - start
             log.info("distillation: at step %d of %d after %.1f s", self.state.step, t.max_steps, elapsed)
             last = self.state.history[-1] if self.state.history else {}
-            if self.valid_data is not None and "valid/total" not in last:
+            if self.valid_data is not None and t.final_validation and "valid/total" not in last:
                 self.validate()
             checkpoint = self.save_checkpoint()
             _notify_step(self.state.step, self.state.history[-1] if self.state.history else {}, checkpoint)

@@ -28,7 +28,8 @@ def test_cells_and_their_configs(tmp_path):
     assert task.student.selection == "first" and task.train.eval_every == 5 and task.output_dir == str(tmp_path / "c")
     plain = Cell("uniform", "linear").config(cfg, tmp_path / "d")
     assert plain.distill.layer_weighting == "linear" and plain.distill.kd_weight == cfg.distill.kd_weight
-    assert plain.train.eval_every == cfg.train.eval_every
+    assert plain.train.eval_every == cfg.train.eval_every and plain.train.final_validation is False
+    assert task.train.final_validation is True  # the learning-curve cell validates, its last step included
     with pytest.raises(ConfigError, match="ablation.selections must be some of"):
         load_config("tiny", ["ablation.selections=[list]"])
     with pytest.raises(ConfigError, match="ablation.weightings must name"):
@@ -63,6 +64,42 @@ def test_compute_ledger_adds_every_sitting_and_the_report_prefers_it(tmp_path):
     assert by["cell:a"]["source"].startswith("compute.json") and by["cell:b"]["wall_s"] == 50.0
     assert by["fisher"]["wall_s"] is None and wall["complete"] is False and "fisher" in wall["not_recorded"]
     assert wall["total_s"] == pytest.approx(ledger["cell:a"]["wall_s"] + 50.0) and wall["within_budget"]
+
+
+def test_evaluation_reuses_a_per_example_file_only_for_the_same_users_and_candidates(tmp_path):
+    from types import SimpleNamespace
+
+    from layerwise_dist.evaluation import result_from_scores, write_per_example
+    from layerwise_dist.recipes.evaluate import EvaluateRecipe
+
+    def ex(user, cands, target):
+        return SimpleNamespace(user_id=user, split="test", target=cands[target], target_index=target, candidates=cands)
+
+    examples = [ex("u1", ["a", "b", "c"], 2), ex("u2", ["d", "e", "f"], 0)]
+    scored = result_from_scores([[0.1, 0.5, 0.9], [0.2, 0.8, 0.1]], [2, 0], ks=[1, 10])
+    path = tmp_path / "student.parquet"
+    write_per_example(scored, examples, path)
+    recipe = object.__new__(EvaluateRecipe)
+    recipe.cfg = SimpleNamespace(eval=SimpleNamespace(ks=[1, 10]))
+    recipe.reuse, recipe.orders, recipe.examples = {"student": path}, None, examples
+    got = recipe._reused("student")
+    assert got.metrics == scored.metrics and (got.ranks == scored.ranks).all()  # ranks 1 and 2
+    assert got.extra["reused_from"] == str(path) and "position_bias" in got.extra
+    assert recipe._reused("teacher") is None  # nothing to reuse for it
+    recipe.examples = [examples[0], ex("u2", ["d", "e", "g"], 0)]  # one candidate differs: scored anew
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # the package logger does not propagate
+    logging.getLogger("layerwise_dist").addHandler(handler)
+    try:
+        assert recipe._reused("student") is None
+    finally:
+        logging.getLogger("layerwise_dist").removeHandler(handler)
+    assert any("other users or candidates" in m for m in seen), seen
+    recipe.examples, recipe.orders = examples, [[0, 1, 2]]  # under permutations the stored scores are sums
+    assert recipe._reused("student") is None
 
 
 def _ok(out):
@@ -102,6 +139,15 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
 
     top = json.loads((run / "results.json").read_text())
     assert list(top["cells"]) == cells and "comparison" in top and top["teacher"]["n"] == 16
+    # The first cell's student is not scored twice: its quality is read back, its speed measured here.
+    cell_student = json.loads((run / "cells" / cells[0] / "results.json").read_text())["student"]
+    assert top["student"]["reused_from"].endswith(f"{cells[0]}/per_example/student.parquet")
+    assert (
+        top["student"]["ndcg@10"] == pytest.approx(cell_student["ndcg@10"]) and "eval_student_s" not in top["timings"]
+    )
+    assert top["student"]["latency_ms_per_example_median"] > 0
+    no_final = json.loads((run / "cells" / cells[1] / "train_history.json").read_text())
+    assert not any("valid/total" in h for h in no_final)  # only the learning-curve cell validates
     report = (run / "ablation_report.md").read_text()
     for section in ("## Every ranker on the same users", "## H3:", "## H1:", "Layerwise-Adapter headline"):
         assert section in report

@@ -16,9 +16,10 @@
    ``ablation.curve_every`` steps (its learning curve);
 5. with ``ablation.transfer_source``: the (adapted) teacher and the best cell's student on that data
    set's test users (``<out>/transfer/``), a transfer check;
-6. the baselines, zero-shot and adapted teacher, and the first cell's student scored in this run
-   (``<out>/results.json``): quality on the same users and the student/teacher speed and memory ratios
-   measured in one process.
+6. the baselines, zero-shot and adapted teacher scored in this run, beside the first cell's student
+   (``<out>/results.json``): quality on the same users (the student's read back from its cell's
+   per-example file, not recomputed) and the student/teacher speed and memory ratios measured in one
+   process.
 
 Resumable at the granularity of a stage and a cell (``train.resume=true``, which ``layerwise-dist
 ablation`` sets): a finished cell (``cell.json``) is never recomputed, an interrupted one continues
@@ -91,7 +92,14 @@ class Cell:
         distill = dataclasses.replace(cfg.distill, layer_weighting=self.weighting)
         if self.task_only:  # the task's CE alone: what the student learns without a teacher
             distill = dataclasses.replace(distill, kd_weight=0.0, list_kd_weight=0.0, align_weight=0.0)
-        train = cfg.train if not curve_every else dataclasses.replace(cfg.train, eval_every=curve_every)
+        # Only the learning-curve cell validates: every cell's test evaluation follows its training, so a
+        # last validation (a teacher forward and a ZeRO-3 student ranking of the validation users, ~2 min
+        # per cell in the experiment) would add nothing.
+        train = (
+            dataclasses.replace(cfg.train, eval_every=curve_every)
+            if curve_every
+            else dataclasses.replace(cfg.train, final_validation=False)
+        )
         return dataclasses.replace(
             cfg,
             output_dir=str(out),
@@ -149,9 +157,12 @@ class AblationRecipe:
         if cfg.ablation.transfer_source:
             with counted(out, "transfer"):
                 self._transfer()
-        first = self._cell_dir(self.cells[0].name) / "student"
+        first = self._cell_dir(self.cells[0].name)
+        # The first cell's student already ranked these users: its quality is read back, not recomputed;
+        # it is loaded again only for its speed and memory beside the teachers in this process.
+        reuse = {"student": first / "per_example" / "student.parquet"}
         with counted(out, "final_evaluation"):
-            results = _finish_with_eval(session, first)
+            results = _finish_with_eval(session, first / "student", reuse=reuse)
         if is_main():
             from ..ablation_report import write_ablation_report
 

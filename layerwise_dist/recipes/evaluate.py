@@ -48,11 +48,23 @@ class EvaluateRecipe:
     served, and it keeps the latency figures free of ZeRO-3 all-gathers.
     """
 
-    def __init__(self, session: RunSession, student_dir: str | Path | None = None, with_teacher: bool = True) -> None:
+    def __init__(
+        self,
+        session: RunSession,
+        student_dir: str | Path | None = None,
+        with_teacher: bool = True,
+        reuse: dict[str, str | Path] | None = None,
+    ) -> None:
+        """``reuse={"student": "<cell>/per_example/student.parquet"}``: that model's quality is read from a
+        per-example file of the same users and candidates (scored earlier, e.g. by an ablation cell) instead
+        of scored again; the model is still loaded and its latency and memory measured here. A file of other
+        users or candidates (or ``eval.permutations`` > 1) is not reused: the model is scored, with a warning.
+        """
         self.session = session
         self.cfg = session.cfg
         self.student_dir = Path(student_dir) if student_dir is not None else None
         self.with_teacher = with_teacher
+        self.reuse = {k: Path(v) for k, v in (reuse or {}).items()}
         self.results: dict[str, Any] = {}
         self.per_example: dict[str, Any] = {}
 
@@ -172,10 +184,12 @@ class EvaluateRecipe:
         score = cfg.data.pointwise_score
         for name, load in self.models:
             model = load()
-            t0 = time.perf_counter()
-            result = evaluate_per_example(model, self.batches, cfg.eval.ks, progress=True, pointwise_score=score)
-            session.timings[f"eval_{name}_s"] = time.perf_counter() - t0
-            result = self._debias(result, session.timings[f"eval_{name}_s"])
+            result = self._reused(name)
+            if result is None:
+                t0 = time.perf_counter()
+                result = evaluate_per_example(model, self.batches, cfg.eval.ks, progress=True, pointwise_score=score)
+                session.timings[f"eval_{name}_s"] = time.perf_counter() - t0
+                result = self._debias(result, session.timings[f"eval_{name}_s"])
             cost = measure_cost(model, timed, warmup=warmup, pointwise_score=score)
             self.per_example[name] = result
             self.results[name] = {**result.summary(), **cost}
@@ -190,6 +204,35 @@ class EvaluateRecipe:
             session.tracker.log_metrics({"eval": {"comparison": self.results["comparison"]}})
         self.results["paired"] = self._paired()
         return self.results
+
+    def _reused(self, name: str) -> Any:
+        """``name``'s result from its ``reuse`` file when that file holds exactly these users and candidates."""
+        from ..evaluation import read_per_example, result_from_scores
+        from ..position_bias import position_bias
+
+        path = self.reuse.get(name)
+        if path is None:
+            return None
+        why = ""
+        if self.orders is not None:
+            why = "eval.permutations > 1"
+        elif not path.is_file():
+            why = "no such file"
+        else:
+            table = read_per_example(path)
+            ours = [(str(ex.user_id), str(ex.target), [str(c) for c in ex.candidates]) for ex in self.examples]
+            theirs = list(zip(table["user"], table["target"], table["candidates"]))
+            theirs = [(u, t, list(c)) for u, t, c in theirs]
+            if ours != theirs:
+                why = f"other users or candidates ({len(theirs)} rows against {len(ours)} examples here)"
+        if why:
+            log.warning("%s: not reusing %s (%s); scoring it", name, path, why)
+            return None
+        cfg = self.cfg.eval
+        result = result_from_scores(table["scores"], table["target_index"], cfg.ks, extra={"reused_from": str(path)})
+        result.extra["position_bias"] = position_bias(result.scores)
+        log.info("%s: quality read from %s (the same %d users and candidates, scored earlier)", name, path, len(ours))
+        return result
 
     def _debias(self, result: Any, seconds: float) -> Any:
         """Position bias of the scores as presented; with permutations, the summed scores' result."""

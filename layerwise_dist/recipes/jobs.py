@@ -95,9 +95,11 @@ def _adapt_teacher(session: RunSession) -> bool:
     return True
 
 
-def _finish_with_eval(session: RunSession, student_dir: Any, with_teacher: bool = True) -> dict[str, Any]:
+def _finish_with_eval(
+    session: RunSession, student_dir: Any, with_teacher: bool = True, reuse: dict[str, Any] | None = None
+) -> dict[str, Any]:
     with session.stage("evaluate"):
-        recipe = EvaluateRecipe(session, student_dir, with_teacher=with_teacher).setup()
+        recipe = EvaluateRecipe(session, student_dir, with_teacher=with_teacher, reuse=reuse).setup()
         recipe.run()
         recipe.save()
     return session.finish()
