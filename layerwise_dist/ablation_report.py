@@ -288,9 +288,9 @@ COMPUTE_BUDGET_S = 5 * 3600.0
 def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
     """Wall seconds per stage over every sitting, and their total against the 5-hour budget.
 
-    Each stage's figure comes from the compute ledger (``compute.json``: every sitting's seconds, added
-    as they ran, also for a sitting stopped in the middle of the stage) where it holds the stage, else
-    from the stage's own files, which count only the sitting that finished it: ``zero_shot/results.json``,
+    Each stage's figure is the larger of its compute-ledger entry (``compute.json``: every sitting's
+    seconds that did work on it, added as they ran, also for a sitting stopped in the middle of the
+    stage) and its own files, which count only the sitting that finished it: ``zero_shot/results.json``,
     ``adapt/summary.json`` (steps x seconds per step + load + export), ``cells/<name>/cell.json``,
     ``transfer/results.json`` and the final evaluation's timings. A stage neither records is listed as
     not recorded, so the total is a lower bound then and says so.
@@ -334,16 +334,13 @@ def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
         wanted.remove("transfer")
     stages = []
     for name in [*wanted, *(n for n in ledger if n not in wanted)]:
-        if name in ledger:
-            entry = ledger[name]
-            stages.append(
-                {"stage": name, "wall_s": entry["wall_s"], "source": f"compute.json ({entry['sittings']} sittings)"}
-            )
-        else:
-            seconds, source = fallbacks.get(name, (None, ""))
-            stages.append(
-                {"stage": name, "wall_s": seconds, "source": source if seconds is not None else "not recorded"}
-            )
+        seconds, source = fallbacks.get(name, (None, ""))
+        entry = ledger.get(name)
+        # The larger of the two: a ledger entry holds every sitting since the ledger existed, a stage's
+        # own file only the sitting that finished it (and a stage begun before the ledger is in neither whole).
+        if entry is not None and (seconds is None or entry["wall_s"] >= seconds):
+            seconds, source = entry["wall_s"], f"compute.json ({entry['sittings']} sittings)"
+        stages.append({"stage": name, "wall_s": seconds, "source": source if seconds is not None else "not recorded"})
     total = sum(s["wall_s"] for s in stages if s["wall_s"] is not None)
     missing = [s["stage"] for s in stages if s["wall_s"] is None]
     return {

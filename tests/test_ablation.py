@@ -52,18 +52,28 @@ def test_plateau_judges_the_second_half_of_the_curve():
 def test_compute_ledger_adds_every_sitting_and_the_report_prefers_it(tmp_path):
     (tmp_path / "cells" / "a").mkdir(parents=True)
     (tmp_path / "cells" / "b").mkdir(parents=True)
-    (tmp_path / "cells" / "a" / "cell.json").write_text(json.dumps({"wall_s": 100.0}))  # the last sitting only
+    (tmp_path / "cells" / "a" / "cell.json").write_text(json.dumps({"wall_s": 20.0}))  # the last sitting only
     (tmp_path / "cells" / "b" / "cell.json").write_text(json.dumps({"wall_s": 50.0}))
     add_compute(tmp_path, "cell:a", 30.0)  # a sitting stopped inside cell a
     with pytest.raises(RuntimeError), counted(tmp_path, "cell:a"):  # the sitting that finished it (here: fails)
         raise RuntimeError("stopped")
+    with counted(tmp_path, "cell:b") as sitting:  # a sitting that only found cell b finished adds nothing
+        sitting.reused = True
+    add_compute(tmp_path, "fisher_zero_shot", 5.0)  # less than its file says: begun before the ledger existed
+    (tmp_path / "zero_shot").mkdir()
+    (tmp_path / "zero_shot" / "results.json").write_text(json.dumps({"timings": {"total_s": 120.0}}))
     ledger = json.loads((tmp_path / "compute.json").read_text())["stages"]
     assert ledger["cell:a"]["sittings"] == 2 and 30.0 <= ledger["cell:a"]["wall_s"] < 31.0
+    assert "cell:b" not in ledger
     wall = _wall(tmp_path, ["a", "b"])
     by = {s["stage"]: s for s in wall["stages"]}
     assert by["cell:a"]["source"].startswith("compute.json") and by["cell:b"]["wall_s"] == 50.0
+    assert by["fisher_zero_shot"]["wall_s"] == 120.0 and by["fisher_zero_shot"]["source"] == "zero_shot/results.json"
     assert by["fisher"]["wall_s"] is None and wall["complete"] is False and "fisher" in wall["not_recorded"]
-    assert wall["total_s"] == pytest.approx(ledger["cell:a"]["wall_s"] + 50.0) and wall["within_budget"]
+    assert wall["total_s"] == pytest.approx(ledger["cell:a"]["wall_s"] + 50.0 + 120.0) and wall["within_budget"]
+    (tmp_path / "compute.json").write_text("{not json")  # a corrupt ledger: warned about, never raised over
+    with pytest.raises(RuntimeError, match="the stage's own error"), counted(tmp_path, "cell:a"):
+        raise RuntimeError("the stage's own error")
 
 
 def test_evaluation_reuses_a_per_example_file_only_for_the_same_users_and_candidates(tmp_path):
@@ -100,6 +110,15 @@ def test_evaluation_reuses_a_per_example_file_only_for_the_same_users_and_candid
     assert any("other users or candidates" in m for m in seen), seen
     recipe.examples, recipe.orders = examples, [[0, 1, 2]]  # under permutations the stored scores are sums
     assert recipe._reused("student") is None
+    recipe.orders = None
+    path.write_bytes(b"not parquet")  # a corrupt file: scored anew, with the reason
+    seen.clear()
+    logging.getLogger("layerwise_dist").addHandler(handler)
+    try:
+        assert recipe._reused("student") is None
+    finally:
+        logging.getLogger("layerwise_dist").removeHandler(handler)
+    assert any("unreadable" in m and "not a parquet file" in m for m in seen), seen
 
 
 def _ok(out):
@@ -183,3 +202,6 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     _ok(out)
     assert {n: (run / "cells" / n / "cell.json").stat().st_mtime_ns for n in cells} == stamps
     assert out.stderr.count("already finished") >= 2, out.stderr[-2000:]
+    again = json.loads((run / "compute.json").read_text())["stages"]  # stages found finished add nothing
+    assert all(again[s] == ledger[s] for s in ("fisher", *(f"cell:{n}" for n in cells), "transfer")), again
+    assert again["final_evaluation"]["sittings"] == 2  # the final evaluation ran again (it is not cached)

@@ -64,16 +64,31 @@ def add_compute(out: Path, stage: str, seconds: float) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Sitting:
+    """One sitting's go at a stage: ``reused`` is set when the stage was found finished (nothing is added)."""
+
+    reused: bool = False
+
+
 @contextlib.contextmanager
-def counted(out: Path, stage: str) -> Iterator[None]:
-    """Time the block and add it to the compute ledger on rank 0, whether it finishes, fails or is stopped."""
+def counted(out: Path, stage: str) -> Iterator[Sitting]:
+    """Time the block and add it to the compute ledger on rank 0, whether it finishes, fails or is stopped.
+
+    A block that only found its stage finished by an earlier sitting sets ``Sitting.reused`` and adds
+    nothing. A ledger that cannot be read or written is warned about, never raised: the block's own
+    error (this runs in a ``finally``) must not be hidden, and a run is not lost for a timing figure.
+    """
     t0 = time.perf_counter()
+    sitting = Sitting()
     try:
-        yield
+        yield sitting
     finally:
-        if is_main():
-            with contextlib.suppress(OSError):
+        if is_main() and not sitting.reused:
+            try:
                 add_compute(out, stage, time.perf_counter() - t0)
+            except (OSError, ValueError) as e:
+                log.warning("compute ledger %s not updated for %s (%s)", out / COMPUTE_LEDGER, stage, e)
 
 
 @dataclass(frozen=True)
@@ -133,21 +148,25 @@ class AblationRecipe:
         session, cfg = self.session, self.session.cfg
         out = session.out
         if cfg.adapt.enabled and cfg.ablation.zero_shot_fisher:
-            with counted(out, "fisher_zero_shot"):
+            with counted(out, "fisher_zero_shot") as s:
+                s.reused = self._zero_shot_fisher_done()
                 self._zero_shot_fisher()
         if cfg.adapt.enabled:
             session.teacher.release()  # the adaptation engine needs the room
-            with counted(out, "adapt"):
-                adapted = _adapt_teacher(session)
-            if not adapted:
+            with counted(out, "adapt") as s:
+                adapt = _adapt_teacher(session)
+                s.reused = adapt.finished is not None
+            if not adapt.complete:
                 return session.finish()  # stopped early (train.stop_at_step); resume continues it
-        with session.meter.stage("fisher"), counted(out, "fisher"):
+        with session.meter.stage("fisher"), counted(out, "fisher") as s:
             recipe = FisherRecipe(session).setup()
+            s.reused = recipe.profile is not None  # this run's saved profile (resume) or fisher.profile
             recipe.run()
             profile = recipe.save()
         cache_layers = self._cache_layers(profile) if cfg.ablation.teacher_cache else None
         for i, cell in enumerate(self.cells):
-            with counted(out, f"cell:{cell.name}"):
+            with counted(out, f"cell:{cell.name}") as s:
+                s.reused = (self._cell_dir(cell.name) / CELL_DONE).is_file()
                 self.cell_results[cell.name] = self._cell(cell, profile, curve=(i == 0), cache_layers=cache_layers)
         session.teacher.release()
         session.results["cells"] = {
@@ -155,7 +174,8 @@ class AblationRecipe:
             for name, r in self.cell_results.items()
         }
         if cfg.ablation.transfer_source:
-            with counted(out, "transfer"):
+            with counted(out, "transfer") as s:
+                s.reused = (out / "transfer" / "results.json").is_file()
                 self._transfer()
         first = self._cell_dir(self.cells[0].name)
         # The first cell's student already ranked these users: its quality is read back, not recomputed;
@@ -211,12 +231,16 @@ class AblationRecipe:
     def _cell_dir(self, name: str) -> Path:
         return self.session.out / "cells" / name
 
+    def _zero_shot_fisher_done(self) -> bool:
+        out = self.session.out / "zero_shot"
+        return (out / "fisher_profile.json").is_file() and (out / "results.json").is_file()
+
     def _zero_shot_fisher(self) -> None:
         from .fisher import FisherRecipe
 
         session = self.session
         out = session.out / "zero_shot"
-        if (out / "fisher_profile.json").is_file() and (out / "results.json").is_file():
+        if self._zero_shot_fisher_done():
             log.info("ablation: zero-shot Fisher profile already in %s", out)
             return
         cfg = dataclasses.replace(session.cfg, output_dir=str(out))

@@ -219,7 +219,14 @@ class EvaluateRecipe:
         elif not path.is_file():
             why = "no such file"
         else:
-            table = read_per_example(path)
+            try:
+                table = read_per_example(path)
+            except (OSError, ValueError) as e:  # unreadable or not a per-example file: score anew
+                why = f"unreadable: {e}"
+            else:
+                if not {"scores", "target_index"} <= table.keys():
+                    why = "no scores in it"
+        if not why:
             ours = [(str(ex.user_id), str(ex.target), [str(c) for c in ex.candidates]) for ex in self.examples]
             theirs = list(zip(table["user"], table["target"], table["candidates"]))
             theirs = [(u, t, list(c)) for u, t, c in theirs]

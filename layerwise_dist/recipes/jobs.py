@@ -57,7 +57,7 @@ def pipeline(cfg: RunConfig) -> dict[str, Any]:
 
     MLflow: one run for the job, a nested run per stage (adapt, fisher, distill, evaluate)."""
     with RunSession(cfg, job="pipeline", nest_stages=True) as session:
-        if cfg.adapt.enabled and not _adapt_teacher(session):
+        if cfg.adapt.enabled and not _adapt_teacher(session).complete:
             return session.finish()  # stopped early (train.stop_at_step): resume continues the adaptation
         with session.stage("fisher"):
             recipe = FisherRecipe(session).setup()
@@ -77,22 +77,23 @@ def _distill_student(session: RunSession, profile: Any = None) -> Any:
     return student_dir
 
 
-def _adapt_teacher(session: RunSession) -> bool:
+def _adapt_teacher(session: RunSession) -> AdaptRecipe:
     """Adapt the teacher; when all ``adapt.max_steps`` ran, the rest of the run uses the merged teacher.
 
-    Returns False when ``train.stop_at_step`` ended the adaptation early (checkpointed).
+    Returns the recipe: ``.complete`` is False when ``train.stop_at_step`` ended the adaptation early
+    (checkpointed); ``.finished`` holds the summary of an adaptation an earlier sitting finished.
     """
     with session.stage("adapt"):
         recipe = AdaptRecipe(session).setup().train()
         merged = recipe.save()
         recipe.release()
     if not recipe.complete:
-        return False
+        return recipe
     # The merged teacher is used in full precision: LoRA's delta is a fraction of one NF4 step
     # (measured on the demo: 0.4% of the weight norm vs a 9% quantization error), so quantizing
     # the merged weights again gives the base's NF4 codes back, bit for bit, and undoes the adaptation.
     session.use_teacher(merged, quantization="none")
-    return True
+    return recipe
 
 
 def _finish_with_eval(
