@@ -87,12 +87,11 @@ def _adapt_teacher(session: RunSession) -> AdaptRecipe:
         recipe = AdaptRecipe(session).setup().train()
         merged = recipe.save()
         recipe.release()
-    if not recipe.complete:
-        return recipe
-    # The merged teacher is used in full precision: LoRA's delta is a fraction of one NF4 step
-    # (measured on the demo: 0.4% of the weight norm vs a 9% quantization error), so quantizing
-    # the merged weights again gives the base's NF4 codes back, bit for bit, and undoes the adaptation.
-    session.use_teacher(merged, quantization="none")
+    if recipe.complete:
+        # The merged teacher is used in full precision: LoRA's delta is a fraction of one NF4 step
+        # (measured on the demo: 0.4% of the weight norm vs a 9% quantization error), so quantizing
+        # the merged weights again gives the base's NF4 codes back, bit for bit, and undoes the adaptation.
+        session.use_teacher(merged, quantization="none")
     return recipe
 
 
