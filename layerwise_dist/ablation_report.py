@@ -67,6 +67,18 @@ def ratio_interval(
     return point, float(lo), float(hi)
 
 
+def _multiplicity(n: int) -> list[str]:
+    """The reading note under a table of ``n`` paired intervals: each is a 95% interval on its own."""
+    if n < 2:
+        return []
+    return [
+        "",
+        f"{n} intervals above, each at 95% on its own (no correction for multiple comparisons): with no true "
+        f"difference anywhere, about {n * 0.05:.1f} of them would still exclude 0 by chance, so a lone interval "
+        "that just excludes 0 is weak evidence.",
+    ]
+
+
 def _verdict(lo: float, hi: float, better: str, worse: str) -> str:
     if lo > 0:
         return f"{better} better (interval above 0)"
@@ -476,6 +488,7 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
         lines += ["| weighting | a | b | NDCG@10 a - b [95% CI] | verdict |", "|---|---|---|---|---|"]
         for p in data["selection"]:
             lines.append(f"| {p['weighting']} | {p['a']} | {p['b']} | {_diff_cell(p['ndcg@10'])} | {p['verdict']} |")
+    lines += _multiplicity(len(data["h3"]) + len(data["selection"]))
     lines += ["", "## H1: where the Fisher mass sits", ""]
     for label, h in data["h1"].items():
         if label == "note":

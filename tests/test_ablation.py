@@ -205,3 +205,11 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     again = json.loads((run / "compute.json").read_text())["stages"]  # stages found finished add nothing
     assert all(again[s] == ledger[s] for s in ("fisher", *(f"cell:{n}" for n in cells), "transfer")), again
     assert again["final_evaluation"]["sittings"] == 2  # the final evaluation ran again (it is not cached)
+
+
+def test_a_table_of_paired_intervals_says_how_many_would_exclude_zero_by_chance():
+    from layerwise_dist.ablation_report import _multiplicity
+
+    assert _multiplicity(1) == []
+    note = " ".join(_multiplicity(18))
+    assert "18 intervals" in note and "about 0.9 of them" in note
