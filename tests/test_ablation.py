@@ -213,3 +213,63 @@ def test_a_table_of_paired_intervals_says_how_many_would_exclude_zero_by_chance(
     assert _multiplicity(1) == []
     note = " ".join(_multiplicity(18))
     assert "18 intervals" in note and "about 0.9 of them" in note
+
+
+_CELL_STOPPED_THEN_RESUMED = """
+import dataclasses, json, sys
+from pathlib import Path
+import mlflow
+from layerwise_dist.config import load_config
+from layerwise_dist.recipes.session import RunSession
+from layerwise_dist.trainer import StoppedBySignal
+
+out = Path(sys.argv[1])
+cfg = load_config("tiny", [f"output_dir={out}", "tracking.enabled=true", "train.resume=true"])
+client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent}/mlflow.db")
+seen = []
+for sitting in range(2):
+    with RunSession(cfg, job="ablation") as session:
+        cell_cfg = dataclasses.replace(cfg, output_dir=str(out / "cells" / "c"))
+        try:
+            with session.child(out / "cells" / "c", cell_cfg, "abl-c") as cell:
+                cell.tracker.log_metrics({"step_seen": sitting}, step=sitting)
+                if sitting == 0:
+                    raise StoppedBySignal("stopped by SIGTERM", 15)
+        except StoppedBySignal:
+            pass
+        cell.tracker.flush()
+        run_id = cell.run_tracker.run_id
+        seen.append({"parent": session.run_tracker.run_id, "cell": run_id})
+    seen[-1]["status"] = client.get_run(run_id).info.status
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.integration
+def test_a_cell_stopped_by_a_signal_continues_its_own_mlflow_run(tmp_path):
+    """An ablation cell stopped by SIGTERM ends its nested run KILLED; the next sitting continues that run."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_env
+
+    out = tmp_path / "results" / "abl"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CELL_STOPPED_THEN_RESUMED, str(out)],
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first["status"] == "KILLED" and second["status"] == "FINISHED"
+    assert first["cell"] == second["cell"] and first["parent"] == second["parent"]  # one run each, continued
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'results'}/mlflow.db")
+    run = client.get_run(second["cell"])
+    assert run.data.tags["mlflow.parentRunId"] == second["parent"] and run.data.tags.get("resumed") == "true"
+    steps = [m.step for m in client.get_metric_history(second["cell"], "step_seen")]
+    assert sorted(steps) == [0, 1]  # both sittings' records in the one run

@@ -184,11 +184,9 @@ class RunSession:
             run_id=previous["run_id"] if previous else None,  # a resumed job continues its MLflow run
             strict_resume=previous is None,
         )
-        params = cfg.to_dict()
-        if previous:  # the run's first part logged how it started; these say only how this part did
-            params["train"] = {k: v for k, v in params["train"].items() if k not in ("resume", "stop_at_step")}
+        self.tracker.log_params(_resumed_params(cfg) if previous else cfg.to_dict())
+        if previous:
             self.tracker.set_tags({"resumed": "true"})
-        self.tracker.log_params(params)
         dataset = dataset_record(self.splits, cfg.data) if is_main() else None
         self.tracker.set_tags(
             {
@@ -240,23 +238,25 @@ class RunSession:
             if self.tracker is not None:
                 if is_main():
                     self._save_run_file()
-                self.tracker.end("FAILED" if exc_type is not None else "FINISHED")
+                self.tracker.end(_end_status(exc_type))
         finally:
             if getattr(self, "_lock", None) is not None:
                 self._lock.release()
 
     def _save_run_file(self) -> None:
-        """``<output_dir>/mlflow_run.json``: this run's and its stages' MLflow ids (rank 0; resumed jobs read it)."""
+        """``<output_dir>/mlflow_run.json``: this run's and its stages' MLflow ids (rank 0; resumed jobs read it).
+        A child (an ablation cell) keeps its own in its folder."""
         from ..run_metadata import save_run_file
 
-        if getattr(self, "_parent", None) is None and self.run_tracker is not None:
+        if self.run_tracker is not None:
             save_run_file(self.out, self.run_tracker, {**self._previous_stages, **self._stage_runs})
 
     @contextmanager
     def stage(self, name: str) -> Iterator[Any]:
         """One stage of the job: its wall time and peak memory (``meter``), and, with ``nest_stages``, its own
         MLflow run nested under the job's (``session.tracker`` is that run's meanwhile; a resumed job
-        continues the stage's earlier run). The stage run ends FAILED when the block raises."""
+        continues the stage's earlier run). The stage run ends FAILED when the block raises (KILLED when a
+        signal stopped it)."""
         with self.meter.stage(name):
             root = self.tracker
             if not self.nest_stages or root is None:
@@ -276,8 +276,8 @@ class RunSession:
             self.tracker = tracker
             try:
                 yield tracker
-            except BaseException:
-                tracker.end("FAILED")
+            except BaseException as e:
+                tracker.end(_end_status(type(e)))
                 raise
             else:
                 tracker.end("FINISHED")
@@ -378,6 +378,7 @@ class RunSession:
         return c
 
     def _enter_child(self) -> RunSession:
+        from ..run_metadata import effective_uri, read_run_file
         from ..tracking import make_tracker
 
         parent = self._parent
@@ -389,10 +390,24 @@ class RunSession:
         if parent.tracker is not None and hasattr(parent.tracker, "flush"):
             parent.tracker.flush()
             parent_id = getattr(parent.tracker, "run_id", None)
+        cfg = self.cfg
+        previous = None  # a cell stopped in an earlier sitting continues its own MLflow run
+        if is_main() and cfg.tracking.enabled and cfg.train.resume and not cfg.tracking.run_id:
+            previous = read_run_file(self.out, effective_uri(cfg.tracking, parent.out.parent))
         self.tracker = self.run_tracker = make_tracker(
-            self.cfg.tracking, parent.out.parent, run_name=self._child_name, rank=rank(), run_dir=self.out
+            cfg.tracking,
+            parent.out.parent,
+            run_name=self._child_name,
+            rank=rank(),
+            run_dir=self.out,
+            run_id=previous["run_id"] if previous else None,
+            strict_resume=previous is None,
         )
-        self.tracker.log_params(self.cfg.to_dict())
+        self.tracker.log_params(_resumed_params(cfg) if previous else cfg.to_dict())
+        if previous:
+            self.tracker.set_tags({"resumed": "true"})
+        if is_main():
+            self._save_run_file()
         if parent_id:  # MLflow shows the cell under the parent run
             self.tracker.set_tags({"mlflow.parentRunId": parent_id})
         return self
@@ -430,3 +445,20 @@ class RunSession:
                 self.tracker.log_artifact(png)
                 log.info("report: %s, chart: %s", md, png)
         return self.results
+
+
+def _resumed_params(cfg: RunConfig) -> dict[str, Any]:
+    """A resumed run's params: the first part logged how it started (MLflow params cannot change), so the
+    keys that say how this part was launched are left out."""
+    params = cfg.to_dict()
+    params["train"] = {k: v for k, v in params["train"].items() if k not in ("resume", "stop_at_step")}
+    return params
+
+
+def _end_status(exc_type: type[BaseException] | None) -> str:
+    """MLflow's end status: FINISHED, KILLED for a stop by signal or ^C (a resume continues it), else FAILED."""
+    from ..trainer import StoppedBySignal
+
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, (StoppedBySignal, KeyboardInterrupt)) else "FAILED"
