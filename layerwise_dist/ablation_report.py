@@ -441,7 +441,7 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
     lines = [
         "# Ablation: layer selection x layer-loss weighting, one teacher, same budget",
         "",
-        f"- data: {s['data'].get('source')} {s['data'].get('category') or ''} ({s['data'].get('reviews') or 'embedded'}), "
+        f"- data: {s['data'].get('source')} {s['data'].get('category') or ''} ({Path(s['data']['reviews']).name if s['data'].get('reviews') else 'embedded'}), "
         f"{s['test_users']} test users, {s['data'].get('num_candidates')} candidates each, seed {s['data'].get('seed')}",
         f"- teacher: {s['teacher']} ({'adapted' if s['adapted'] else 'zero-shot'}), {s['formulation']} formulation",
         f"- budget per student: {s['budget']}",

@@ -62,7 +62,8 @@ def resolve_ds_config(
     ``train``: batch sizes, accumulation and clipping from ``train.*``; an optimizer
     block in the JSON gets its ``"auto"`` lr / weight decay filled. ``inference``: a
     frozen model (the teacher, also under its Fisher engine, which
-    :func:`layerwise_dist.fisher.make_fisher_engine` adapts), so no optimizer or scheduler.
+    :func:`layerwise_dist.fisher.make_fisher_engine` adapts), so no optimizer or scheduler, and
+    ZeRO stage 1 or 2 becomes 3 (the only stage that partitions a frozen model's parameters).
     """
     from .precision import use_bf16
 
@@ -103,4 +104,9 @@ def resolve_ds_config(
     if purpose != "train":
         for key in ("optimizer", "scheduler"):
             ds.pop(key, None)
+        if stage in (1, 2):
+            # Stages 1-2 partition optimizer state and gradients, which a frozen model has none of (DeepSpeed
+            # refuses them without an optimizer); its parameters are what to partition: stage 3. So a student
+            # trained under zero2.json distils from a ZeRO-3-partitioned teacher (teacher.placement=zero3).
+            ds["zero_optimization"] = {**ds["zero_optimization"], "stage": 3}
     return ds

@@ -142,6 +142,7 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
         res = json.loads((cell / "results.json").read_text())
         assert res["cell"]["name"] == name and res["student"]["n"] == 16
         assert (cell / "per_example" / "student.parquet").is_file() and (cell / "student" / "config.json").is_file()
+        assert not (cell / "checkpoints").exists()  # a finished cell is never resumed: its ZeRO shards are freed
     # One teacher cache for both cells: the first cell builds it (each rank its own examples), the second reads it.
     cache = run / "teacher_cache"
     manifest = json.loads((cache / "manifest.json").read_text())

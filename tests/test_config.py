@@ -302,6 +302,15 @@ def test_ds_config_batch_sizes_come_from_the_schema():
     assert ds["zero_optimization"]["stage"] == 3
 
 
+def test_a_frozen_models_engine_partitions_its_parameters_whatever_the_training_stage():
+    cfg = load_config("tiny")
+    assert resolve_ds_config(REPO_DS / "zero2.json", cfg)["zero_optimization"]["stage"] == 2
+    inference = resolve_ds_config(REPO_DS / "zero2.json", cfg, "inference")
+    assert inference["zero_optimization"]["stage"] == 3
+    assert inference["zero_optimization"]["reduce_bucket_size"] == 5e7  # the rest of the JSON is kept
+    assert "optimizer" not in inference
+
+
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_shipped_ds_configs_resolve(name):
     ds = resolve_ds_config(REPO_DS / name, load_config("tiny"))

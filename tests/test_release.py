@@ -62,3 +62,45 @@ def test_destroy_engine_frees_the_model_where_destroy_alone_does_not():
     # and in the coordinator's class-level release cache.
     assert out["destroy"]["alive"] == 3 and out["destroy"]["stack"] == 3, out
     assert out["destroy_engine"] == {"alive": 0, "stack": 0}, out
+
+
+TEACHER_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch._dynamo  # before deepspeed.zero.Init (DESIGN.md)
+    from layerwise_dist.config import load_config
+    from layerwise_dist.distributed import init_distributed
+    from layerwise_dist.recipes.session import TeacherHandle
+
+    init_distributed()
+    out = {}
+    for name in ("zero2.json", "zero3.json"):
+        for fisher in (False, True):
+            cfg = load_config("tiny", [f"ds_config=ds_configs/{name}", "teacher.placement=zero3"])
+            handle = TeacherHandle(cfg)
+            handle.get(for_fisher=fisher)
+            out[f"{name}:{fisher}"] = handle.info["zero3_partitioned"]
+            handle.release()
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.distributed
+def test_a_zero3_teacher_is_partitioned_when_the_student_trains_under_zero2():
+    """teacher.placement=zero3 with ds_configs/zero2.json: the frozen teacher's engine is stage 3.
+
+    DeepSpeed refuses a stage-2 engine without an optimizer ("zero stage 2 requires an optimizer"), which is
+    what a frozen teacher is; stages 1-2 partition nothing a frozen model has. So the student's engine follows
+    the JSON (stage 2) and the teacher's is stage 3, for its inference and for its Fisher engine.
+    """
+    env = run_env()
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(
+        [sys.executable, "-c", TEACHER_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    assert json.loads(line[len("RESULT ") :]) == {f"{n}:{f}": True for n in ("zero2.json", "zero3.json") for f in (False, True)}
