@@ -111,6 +111,13 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         rankers[name] = {"kind": "baseline", **{k: res.get(k) for k in (*METRICS, "n", "ci95")}}
         if (p := _per_example(run, top, name)) is not None:
             files[name] = p
+        if isinstance(res.get("random_ties"), Mapping):  # popularity with ties broken at random (no paired figures)
+            ties = res["random_ties"]
+            rankers[f"{name}_random_ties"] = {
+                "kind": "baseline",
+                "targets_tied": res.get("targets_tied"),
+                **{k: ties.get(k) for k in (*METRICS, "n", "ci95")},
+            }
     for name in ("teacher_zero_shot", "teacher"):
         if name in top:
             rankers[name] = {"kind": "teacher", **{k: top[name].get(k) for k in (*METRICS, "n", "ci95")}}
@@ -244,6 +251,12 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
             *((k, t[k]) for k in ("teacher_zero_shot", "teacher", "student") if k in t),
         ]:
             transfer["rankers"][name] = {k: res.get(k) for k in (*METRICS, "n", "ci95")}
+            if isinstance(res.get("random_ties"), Mapping):
+                ties = res["random_ties"]
+                transfer["rankers"][f"{name}_random_ties"] = {
+                    "targets_tied": res.get("targets_tied"),
+                    **{k: ties.get(k) for k in (*METRICS, "n", "ci95")},
+                }
         transfer["paired"] = {k: v.get("ndcg@10") for k, v in (t.get("paired") or {}).items()}
     data = {
         "run": str(run),
@@ -425,6 +438,17 @@ def goals(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _ties_note(rankers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What the ``*_random_ties`` rows are, and how often the target's count was tied."""
+    return [
+        f"\n{name}: the `{name[: -len('_random_ties')]}` counts with ties broken at random (the exact expectation "
+        f"per user) instead of against the target; {r['targets_tied']:.1%} of the targets share their count with "
+        "another candidate."
+        for name, r in rankers.items()
+        if name.endswith("_random_ties") and r.get("targets_tied") is not None
+    ]
+
+
 def _diff_cell(d: Mapping[str, Any] | None) -> str:
     if not d:
         return "n/a"
@@ -460,6 +484,7 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
             f"| {name} | {layers} | {_fmt_ci(r.get('ndcg@10'), ci.get('ndcg@10'))} | "
             f"{_fmt_ci(r.get('hr@10'), ci.get('hr@10'))} | {_fmt_ci(r.get('mrr'), ci.get('mrr'))} | {retained} |"
         )
+    lines += _ties_note(data["rankers"])
     sm = data["speed_memory"]
     if sm["measured_on"] and sm["speedup"] is not None:
         mem = sm["memory_reduction"]
@@ -547,6 +572,7 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
                 f"| {name} | {_fmt_ci(r.get('ndcg@10'), ci.get('ndcg@10'))} | {_fmt_ci(r.get('hr@10'), ci.get('hr@10'))}"
                 f" | {_fmt_ci(r.get('mrr'), ci.get('mrr'))} | {r.get('n')} |"
             )
+        lines += _ties_note(tr["rankers"])
         for pair, d in tr.get("paired", {}).items():
             if d and pair.startswith("student - "):
                 lines.append(f"\n- {pair} (NDCG@10, paired): {_diff_cell(d)}")

@@ -21,6 +21,12 @@ against a model are taken on the same examples.
   counted, so the held-out target is not favoured by its own interaction). Items
   never seen in training score 0. Ties count against the target, as in
   evaluation: a target tied with other candidates ranks below all of them.
+  Counts tie often (on sparse data most targets share their count with another
+  candidate, e.g. 0 for items unseen in training), so the result also carries
+  ``random_ties``: the same ranker with ties broken uniformly at random, as exact
+  per-example expectations (with g candidates above the target and t others tied
+  with it, its rank is uniform on g+1..g+t+1), and ``targets_tied``, the share of
+  targets tied with at least one other candidate.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ __all__ = [
     "popularity_scores",
     "random_expected_values",
     "random_result",
+    "random_tie_values",
     "train_item_counts",
 ]
 
@@ -65,6 +72,29 @@ def random_expected_values(num_candidates: Sequence[int], ks: Sequence[int]) -> 
         expectations[c] = e
     for name in [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]:
         out[name] = np.asarray([expectations[c][name] for c in counts.tolist()], dtype=np.float64)
+    return out
+
+
+def random_tie_values(
+    scores: Sequence[np.ndarray], target_index: Sequence[int], ks: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Exact per-example expectations of HR@K, NDCG@K and RR when ties are broken uniformly at random."""
+    ks = _check_ks(ks)
+    if len(scores) != len(target_index):
+        raise ValueError(f"{len(scores)} score vectors for {len(target_index)} targets")
+    names = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+    out = {name: np.empty(len(scores), dtype=np.float64) for name in names}
+    for i, (row, target) in enumerate(zip(scores, target_index)):
+        s = np.asarray(row, dtype=np.float64)
+        if np.isnan(s).any():
+            raise ValueError(f"example {i}: NaN score")
+        x = s[int(target)]
+        above, tied = int((s > x).sum()), int((s == x).sum()) - 1
+        r = np.arange(above + 1, above + tied + 2, dtype=np.float64)  # each equally likely
+        for k in ks:
+            out[f"hr@{k}"][i] = float((r <= k).mean())
+            out[f"ndcg@{k}"][i] = float(np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0).mean())
+        out["mrr"][i] = float((1.0 / r).mean())
     return out
 
 
@@ -102,7 +132,8 @@ def popularity_result(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> EvalResult:
-    """The ``popularity`` baseline (training interaction counts, ties against the target) on ``examples``."""
+    """The ``popularity`` baseline (training interaction counts, ties against the target) on ``examples``;
+    ``extra["random_ties"]`` is its summary with ties broken at random, ``extra["targets_tied"]`` how often."""
     _check_examples(examples)
     ks = _check_ks(ks)
     scores = popularity_scores(train_item_counts(splits), examples)
@@ -114,7 +145,11 @@ def popularity_result(
         dtype=np.int64,
     )
     values = per_example_metrics(ranks, ks)
-    result = result_from_values(values, ks, n_boot, seed, extra={"baseline": "popularity", "counts": "train"})
+    targets = [ex.target_index for ex in examples]
+    ties = result_from_values(random_tie_values(scores, targets, ks), ks, n_boot, seed).summary()
+    tied = float(np.mean([(s == s[t]).sum() > 1 for s, t in zip(scores, targets)]))
+    extra = {"baseline": "popularity", "counts": "train", "random_ties": ties, "targets_tied": tied}
+    result = result_from_values(values, ks, n_boot, seed, extra=extra)
     result.ranks = ranks
     widths = {len(s) for s in scores}
     result.scores = np.stack(scores).astype(np.float32) if len(widths) == 1 else [s.astype(np.float32) for s in scores]

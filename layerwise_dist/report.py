@@ -142,6 +142,9 @@ def _ranker_metrics(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, 
         metrics = (results.get("baselines") or {}).get(key) or results.get(key)
         if isinstance(metrics, Mapping) and "n" in metrics:
             out.append((f"{name}{', adapted' if key == 'teacher' and adapted else ''}", metrics))
+            ties = metrics.get("random_ties") if key == "popularity" else None
+            if isinstance(ties, Mapping) and "n" in ties:  # counts tie often: the same ranker, ties at random
+                out.append((f"popularity, ties at random ({metrics.get('targets_tied', 0):.0%} of targets tied)", ties))
     return out
 
 

@@ -177,6 +177,8 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     assert {"fisher", *(f"cell:{n}" for n in cells), "transfer", "final_evaluation"} <= set(ledger)
     data = json.loads((run / "ablation.json").read_text())
     assert set(cells) <= set(data["rankers"]) and {"random", "popularity", "teacher"} <= set(data["rankers"])
+    ties = data["rankers"]["popularity_random_ties"]  # popularity with ties broken at random, beside it
+    assert ties["n"] == 16 and 0 <= ties["targets_tied"] <= 1 and "popularity_random_ties:" in report
     assert (
         data["rankers"]["uniform+uniform"]["retention_ci95"][0]
         <= data["rankers"]["uniform+uniform"]["retention_ndcg@10"]

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -329,6 +330,45 @@ def test_popularity_baseline_hand_computed():
     assert res.metrics["n"] == 4
     lo, hi = res.intervals["mrr"]
     assert lo < res.metrics["mrr"] < hi
+
+
+def test_popularity_with_ties_at_random_is_the_mean_over_every_tie_breaking():
+    import itertools
+
+    from layerwise_dist.baselines import evaluate_baselines, random_tie_values
+
+    ks = [1, 2, 5]
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 3, size=6).astype(float) for _ in range(20)] + [np.zeros(6), np.arange(6.0)]
+    targets = [int(rng.integers(0, 6)) for _ in rows]
+    got = random_tie_values(rows, targets, ks)
+    for i, (s, t) in enumerate(zip(rows, targets)):
+        # brute force: every order of the candidates used as the tie-breaker, equally likely
+        ranks = [
+            1 + sum(s[j] > s[t] or (s[j] == s[t] and p[j] < p[t]) for j in range(6))
+            for p in itertools.permutations(range(6))
+        ]
+        brute = per_example_metrics(torch.tensor(ranks), ks)
+        for key in brute:
+            assert got[key][i] == pytest.approx(brute[key].mean()), (i, key)
+    # no ties: the pessimistic rank itself
+    assert got["mrr"][-1] == pytest.approx(1 / (6 - targets[-1]))
+
+    splits = _tiny_splits()
+    examples = [  # the hand-computed example above: e tied with f (rank 3 or 4), b tied with c (rank 1 or 2)
+        _example("u1", ["e", "a", "d", "f"], "e"),
+        _example("u2", ["d", "c", "e", "a"], "c"),
+        _example("u3", ["f", "b", "c", "e"], "b"),
+        _example("u1", ["a", "f", "d", "e"], "a"),
+    ]
+    res = evaluate_baselines(splits, examples, ks=[1, 2], n_boot=200)["popularity"]
+    assert res.metrics["mrr"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2 + 1) / 4)  # unchanged: ties against the target
+    ties = res.summary()["random_ties"]
+    assert ties["mrr"] == pytest.approx(((1 / 3 + 1 / 4) / 2 + 1 / 2 + (1 + 1 / 2) / 2 + 1) / 4)
+    assert ties["hr@1"] == pytest.approx((0 + 0 + 1 / 2 + 1) / 4) and ties["n"] == 4
+    assert res.summary()["targets_tied"] == 0.5
+    with pytest.raises(ValueError, match="2 score vectors for 1 targets"):
+        random_tie_values(rows[:2], [0], ks)
 
 
 def test_random_baseline_is_the_exact_expectation():

@@ -103,4 +103,6 @@ def test_a_zero3_teacher_is_partitioned_when_the_student_trains_under_zero2():
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     import json
 
-    assert json.loads(line[len("RESULT ") :]) == {f"{n}:{f}": True for n in ("zero2.json", "zero3.json") for f in (False, True)}
+    assert json.loads(line[len("RESULT ") :]) == {
+        f"{n}:{f}": True for n in ("zero2.json", "zero3.json") for f in (False, True)
+    }
