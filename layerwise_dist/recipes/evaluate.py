@@ -270,6 +270,18 @@ class EvaluateRecipe:
             self.results["baselines"][name] = result.summary()
             self.session.tracker.log_metrics({f"eval/baseline/{name}/{k}": v for k, v in result.metrics.items()})
             log.info("%s: %s", name, _line(result))
+            ties = result.extra.get("random_ties")
+            if ties:  # popularity's counts tie often: the same ranker with ties broken at random
+                numbers = {k: v for k, v in ties.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                self.session.tracker.log_metrics(
+                    {f"eval/baseline/{name}_random_ties/{k}": v for k, v in numbers.items()}
+                )
+                log.info(
+                    "%s, ties broken at random (%.1f%% of targets tied): ndcg@10=%.4f, hr@10=%.4f, mrr=%.4f",
+                    name,
+                    100 * result.extra.get("targets_tied", 0.0),
+                    *(ties.get(m, float("nan")) for m in ("ndcg@10", "hr@10", "mrr")),
+                )
 
     def _paired(self) -> dict[str, Any]:
         out = {}
