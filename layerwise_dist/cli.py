@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,22 @@ def launch(command: str, args: argparse.Namespace) -> int:
         lock.release()
 
 
+def rank_env(environ: Mapping[str, str], cpu: bool) -> dict[str, str]:
+    """The environment of the ranks ``layerwise-dist --nproc N`` starts: ``environ`` plus, on CPU, the defaults
+    a shared machine needs (what ``environ`` sets wins)."""
+    from .distributed import CPU_ALLOCATOR_ENV
+
+    env = dict(environ)
+    if cpu:
+        # One thread per rank: two ranks on two cores crawl when each spawns a full pool.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", "1")
+        env.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning in every process
+        for key, value in CPU_ALLOCATOR_ENV.items():  # big tensors reused, not page-faulted anew every step
+            env.setdefault(key, value)
+    return env
+
+
 def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -> int:
     """The real deepspeed launcher on 127.0.0.1, every rank given the resolved config file."""
     from .distributed import QUIET_ENV, free_port
@@ -112,14 +129,9 @@ def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -
     resolved = Path(cfg.output_dir) / "config.yaml"
     cfg.save(resolved)
     deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    env = dict(os.environ)
     import torch
 
-    if not torch.cuda.is_available():
-        # One thread per rank: two ranks on two cores crawl when each spawns a full pool.
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env.setdefault("MKL_NUM_THREADS", "1")
-        env.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning in every process
+    env = rank_env(os.environ, cpu=not torch.cuda.is_available())
     quiet = ["--quiet"] if env.get(QUIET_ENV) == "1" else []  # the launchers' own INFO lines
     cmd = [
         deepspeed,

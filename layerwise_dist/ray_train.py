@@ -46,7 +46,7 @@ from ray.train import UserCallback
 
 from .checkpoint import MARKER, CheckpointStore, _rank_files, _write_atomic
 from .config import ConfigError, RunConfig, load_config
-from .distributed import barrier, get_logger, is_main, rank, world_size
+from .distributed import CPU_ALLOCATOR_ENV, barrier, get_logger, is_main, rank, world_size
 from .ds_config import ds_config_path
 from .models.teacher import model_path
 from .recipes.jobs import JOBS
@@ -384,6 +384,7 @@ def run_ray(command: str, preset: str = "default", overrides: list[str] | tuple[
     env = {"PYTHONUNBUFFERED": "1"}
     if not r.use_gpu:
         env.update(OMP_NUM_THREADS=str(r.cpus_per_worker), MKL_NUM_THREADS=str(r.cpus_per_worker))
+        env.update({k: os.environ.get(k, v) for k, v in CPU_ALLOCATOR_ENV.items()})  # see distributed.py
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,

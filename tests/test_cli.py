@@ -91,3 +91,49 @@ def test_data_prepare_writes_splits(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     stats = json.loads((tmp_path / "prep" / "stats.json").read_text())
     assert stats["users"] == 12
+
+
+def test_cpu_ranks_get_one_thread_and_heap_only_allocation_unless_set():
+    from layerwise_dist.cli import rank_env
+    from layerwise_dist.distributed import CPU_ALLOCATOR_ENV
+
+    env = rank_env({"PATH": "/bin", "OMP_NUM_THREADS": "4", "MALLOC_MMAP_MAX_": "65536"}, cpu=True)
+    assert env["OMP_NUM_THREADS"] == "4" and env["MALLOC_MMAP_MAX_"] == "65536"  # what the user set wins
+    assert (
+        env["MKL_NUM_THREADS"] == "1" and env["MALLOC_TRIM_THRESHOLD_"] == CPU_ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]
+    )
+    assert rank_env({"PATH": "/bin"}, cpu=False) == {"PATH": "/bin"}  # GPU ranks: nothing added
+
+
+def test_heap_only_allocation_stops_the_page_faults_of_big_tensors():
+    """What CPU_ALLOCATOR_ENV is for: big tensors made and freed in a loop (a training step's logits) are faulted
+    in by the kernel again in every round under glibc's defaults (mmap'd, unmapped at free); with the heap-only
+    settings the heap settles after a few rounds and later rounds fault nothing (for more resident memory)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import run_env
+    from layerwise_dist.distributed import CPU_ALLOCATOR_ENV
+
+    script = (
+        "import resource, torch\n"
+        "def step():\n"
+        "    x = torch.ones(960, 49152); y = torch.ones(960, 49152); del x\n"
+        "    z = torch.ones(500, 49152); del y, z\n"
+        "for _ in range(20):\n"
+        "    step()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10):\n"
+        "    step()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = {}
+    for name, extra in (("default", {}), ("heap", CPU_ALLOCATOR_ENV)):
+        env = {k: v for k, v in run_env().items() if k not in CPU_ALLOCATOR_ENV} | extra
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        faults[name] = int(out.stdout.strip().splitlines()[-1])
+    pages = 960 * 49152 * 4 // os.sysconf("SC_PAGE_SIZE")  # one 190 MB tensor
+    assert faults["default"] > 10 * pages, faults  # every round faults its tensors in again
+    assert faults["heap"] < pages // 10, faults
