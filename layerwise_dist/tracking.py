@@ -217,6 +217,27 @@ def unreachable_reason(uri: str, timeout: float = 3.0) -> str | None:
         return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
 
 
+def run_in_store(uri: str, run_id: str) -> bool | None:
+    """Does the store at ``uri`` hold ``run_id`` as a live run? ``None`` when it could not be asked (a server away
+    or failing): the caller must not take that for "no"."""
+    from mlflow.exceptions import MlflowException
+
+    if is_remote(uri):
+        if unreachable_reason(uri):
+            return None
+        _http_defaults(30.0)
+    import mlflow
+
+    try:
+        run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        log.warning("tracking: could not ask %s for run %s (%s)", uri, run_id, _short(exc))
+        return None
+    return run.info.lifecycle_stage == "active"
+
+
 def _http_defaults(request_timeout_s: float) -> None:
     """No MLflow-level retries (the buffer thread retries) and a bounded request time, unless the user chose."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

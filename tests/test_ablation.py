@@ -199,15 +199,42 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
     assert {c.info.run_name for c in children} == {f"abl-{n}" for n in [*cells, "transfer"]}
 
-    # A rerun recomputes no cell: their markers stay as they were.
+    # A rerun recomputes nothing: the cells' markers and the final results stay as they were, and the store,
+    # which has every run already, gets no new one.
     stamps = {n: (run / "cells" / n / "cell.json").stat().st_mtime_ns for n in cells}
+    stamps["results.json"] = (run / "results.json").stat().st_mtime_ns
     out = run_cli(args)
     _ok(out)
-    assert {n: (run / "cells" / n / "cell.json").stat().st_mtime_ns for n in cells} == stamps
+    assert {n: (run / "cells" / n / "cell.json").stat().st_mtime_ns for n in cells} == {n: stamps[n] for n in cells}
+    assert (run / "results.json").stat().st_mtime_ns == stamps["results.json"]
     assert out.stderr.count("already finished") >= 2, out.stderr[-2000:]
+    assert "final evaluation already in" in out.stderr, out.stderr[-2000:]
     again = json.loads((run / "compute.json").read_text())["stages"]  # stages found finished add nothing
-    assert all(again[s] == ledger[s] for s in ("fisher", *(f"cell:{n}" for n in cells), "transfer")), again
-    assert again["final_evaluation"]["sittings"] == 2  # the final evaluation ran again (it is not cached)
+    assert again == ledger, again
+    assert len(client.search_runs([client.get_experiment_by_name("layerwise_dist").experiment_id])) == len(runs)
+
+    # The store is lost (a fresh checkout has none): a rerun trains and scores nothing, yet its new parent run
+    # again shows every child, restored from the folders, with their histories and scores.
+    (results_dir / "mlflow.db").rename(results_dir / "lost.db")
+    out = run_cli(args)
+    _ok(out)
+    assert json.loads((run / "compute.json").read_text())["stages"] == ledger
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("layerwise_dist").experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parent) == 1 and set(children) == {f"abl-{n}" for n in [*cells, "transfer"]}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children.values()} == {parent[0].info.run_id}
+    assert all("restored_from" in c.data.tags and c.info.status == "FINISHED" for c in children.values())
+    restored = children["abl-uniform+uniform"]
+    assert restored.data.metrics["eval/student/ndcg_at_10"] == pytest.approx(cell_student["ndcg@10"])
+    assert restored.data.params["distill.layer_weighting"] == "uniform"
+    steps = client.get_metric_history(restored.info.run_id, "train/total")
+    assert sorted(m.step for m in steps) == [1, 2]
+    assert [m.step for m in client.get_metric_history(restored.info.run_id, "valid/ndcg_at_10")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(restored.info.run_id)}
+    assert {"results.json", "train_history.json"} <= artifacts
+    assert parent[0].data.metrics["eval/teacher/ndcg_at_10"] == pytest.approx(top["teacher"]["ndcg@10"])
 
 
 def test_a_table_of_paired_intervals_says_how_many_would_exclude_zero_by_chance():

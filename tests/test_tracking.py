@@ -44,6 +44,7 @@ from layerwise_dist.tracking import (
     metric_name,
     mlflow_ui_command,
     replay,
+    run_in_store,
 )
 
 
@@ -201,6 +202,20 @@ def test_resume_and_compare_runs(store, client, tmp_path):
     assert best.data.metrics["comparison/memory_reduction/memory_model_bytes"] == pytest.approx(0.75)
     assert best.data.metrics["extra"] == 1.0 and best.info.status == "FINISHED"
     assert {"report/report.md", "report/report.png"} <= _artifacts(client, runs["fisher"])
+
+
+def test_run_in_store_tells_a_live_run_from_a_missing_or_deleted_one(store, client, tmp_path):
+    uri = default_tracking_uri(store)
+    with make_tracker(TrackingConfig(experiment="exists"), store, run_name="kept", rank=0) as tracker:
+        kept = tracker.run_id
+    with make_tracker(TrackingConfig(experiment="exists"), store, run_name="gone", rank=0) as tracker:
+        gone = tracker.run_id
+    client.delete_run(gone)
+    assert run_in_store(uri, kept) is True
+    assert run_in_store(uri, gone) is False  # deleted: a restore makes a new one
+    assert run_in_store(uri, "0" * 32) is False
+    assert run_in_store(default_tracking_uri(tmp_path / "other"), kept) is False  # another store
+    assert run_in_store(f"http://127.0.0.1:{free_port()}", kept) is None  # nobody there: not a "no"
 
 
 def test_non_zero_rank_and_disabled_are_no_ops(tmp_path):

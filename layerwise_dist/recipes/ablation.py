@@ -23,7 +23,10 @@
 
 Resumable at the granularity of a stage and a cell (``train.resume=true``, which ``layerwise-dist
 ablation`` sets): a finished cell (``cell.json``) is never recomputed, an interrupted one continues
-from its last checkpoint, a finished adaptation and Fisher profile are reused.
+from its last checkpoint, a finished adaptation, Fisher profile, transfer check and final evaluation (``final_evaluation.json``)
+are reused. A finished child whose MLflow run this store lacks (a new checkout, a lost or another store)
+gets a nested run restored from its folder (:meth:`RunSession.restore_child`), so the parent run always
+shows every cell.
 
 Compute over sittings: every stage adds its wall seconds in this sitting to ``<out>/compute.json``
 (rank 0; ``{"stages": {name: {"wall_s": total, "sittings": k}}}``), also when the sitting is stopped
@@ -49,6 +52,7 @@ from .session import RunSession
 log = get_logger()
 
 CELL_DONE = "cell.json"
+FINAL_DONE = "final_evaluation.json"  # the last stage finished: results.json holds its evaluation
 COMPUTE_LEDGER = "compute.json"
 
 
@@ -182,8 +186,16 @@ class AblationRecipe:
         # The first cell's student already ranked these users: its quality is read back, not recomputed;
         # it is loaded again only for its speed and memory beside the teachers in this process.
         reuse = {"student": first / "per_example" / "student.parquet"}
-        with counted(out, "final_evaluation"):
-            results = _finish_with_eval(session, first / "student", reuse=reuse)
+        with counted(out, "final_evaluation") as s:
+            s.reused = (out / FINAL_DONE).is_file() and (out / "results.json").is_file()
+            if s.reused:
+                log.info("ablation: final evaluation already in %s", out / "results.json")
+                results = self._final_results()
+            else:
+                t0 = time.perf_counter()
+                results = _finish_with_eval(session, first / "student", reuse=reuse)
+                if is_main():
+                    (out / FINAL_DONE).write_text(json.dumps({"wall_s": time.perf_counter() - t0}, indent=2))
         if is_main():
             from ..ablation_report import write_ablation_report
 
@@ -193,6 +205,20 @@ class AblationRecipe:
                     session.tracker.log_artifact(path)
             log.info("ablation report: %s", md)
         barrier()
+        return results
+
+    def _final_results(self) -> dict[str, Any]:
+        """The final evaluation an earlier sitting finished, read back (every rank); when this sitting's MLflow
+        run is not the one it logged to (the store lost it), its scores and files are logged here again."""
+        from .session import _eval_metrics
+
+        session = self.session
+        results = json.loads((session.out / "results.json").read_text())
+        if is_main() and not session.run_continued:
+            session.tracker.log_metrics(_eval_metrics(results))
+            for name in ("results.json", "report.md", "report.png"):
+                if (session.out / name).is_file():
+                    session.tracker.log_artifact(session.out / name)
         return results
 
     def best_cell(self) -> str:
@@ -210,9 +236,6 @@ class AblationRecipe:
 
         session, a = self.session, self.session.cfg.ablation
         out = session.out / "transfer"
-        if (out / "results.json").is_file():
-            log.info("ablation: transfer check already in %s", out)
-            return
         changes = {"source": a.transfer_source, "category_phrase": ""}  # the phrase follows the new category
         if a.transfer_reviews:
             changes["reviews"] = a.transfer_reviews
@@ -220,6 +243,10 @@ class AblationRecipe:
             changes["category"] = a.transfer_category
         data = dataclasses.replace(session.cfg.data, **changes)
         cfg = dataclasses.replace(session.cfg, data=data, output_dir=str(out))
+        if (out / "results.json").is_file():
+            log.info("ablation: transfer check already in %s", out)
+            session.restore_child(out, cfg, f"{session.out.name}-transfer")
+            return
         best = self.best_cell()
         with session.meter.stage("transfer"), session.child(out, cfg, f"{session.out.name}-transfer") as t:
             t.results["transfer"] = {"cell": best, "source": data.source, "category": data.category}
@@ -241,10 +268,11 @@ class AblationRecipe:
 
         session = self.session
         out = session.out / "zero_shot"
+        cfg = dataclasses.replace(session.cfg, output_dir=str(out))
         if self._zero_shot_fisher_done():
             log.info("ablation: zero-shot Fisher profile already in %s", out)
+            session.restore_child(out, cfg, f"{session.out.name}-zero-shot")
             return
-        cfg = dataclasses.replace(session.cfg, output_dir=str(out))
         with session.meter.stage("fisher_zero_shot"), session.child(out, cfg, f"{session.out.name}-zero-shot") as z:
             recipe = FisherRecipe(z).setup()
             recipe.run()
@@ -273,14 +301,15 @@ class AblationRecipe:
         session = self.session
         out = self._cell_dir(cell.name)
         done = out / CELL_DONE
-        if done.is_file():
-            log.info("ablation: cell %s already finished (%s)", cell.name, out)
-            return json.loads((out / "results.json").read_text())
         cfg = cell.config(session.cfg, out, session.cfg.ablation.curve_every if curve else 0)
         if cache_layers is not None:  # every cell reads the one cache (the first cell builds it)
             cfg = dataclasses.replace(
                 cfg, distill=dataclasses.replace(cfg.distill, teacher_cache=str(session.out / "teacher_cache"))
             )
+        if done.is_file():
+            log.info("ablation: cell %s already finished (%s)", cell.name, out)
+            session.restore_child(out, cfg, f"{session.out.name}-{cell.name}")
+            return json.loads((out / "results.json").read_text())
         t0 = time.perf_counter()
         log.info("ablation: cell %s (%d of %d)", cell.name, self.cells.index(cell) + 1, len(self.cells))
         with session.meter.stage(f"cell:{cell.name}"), session.child(out, cfg, f"{session.out.name}-{cell.name}") as c:

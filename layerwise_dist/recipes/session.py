@@ -89,6 +89,51 @@ def _scores(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_RESTORED_FILES = (
+    "config.yaml",
+    "results.json",
+    "train_history.json",
+    "layer_weights.json",
+    "fisher_profile.json",
+    "fisher_profile.png",
+    "report.md",
+    "report.png",
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s unreadable (%s): not restored", path, exc)
+        return None
+
+
+def _eval_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The evaluation metrics a run logged, read back from its ``results.json`` (the same names: models as
+    ``eval/<model>/<metric>``, baselines as ``eval/baseline/<name>/<metric>``, ``eval/comparison/...``)."""
+    out: dict[str, float] = {}
+    for name, value in results.items():
+        if isinstance(value, dict) and _is_number(value.get("ndcg@10")):
+            out.update({f"eval/{name}/{k}": v for k, v in value.items() if _is_number(v)})
+    for name, summary in (results.get("baselines") or {}).items():
+        if isinstance(summary, dict):
+            out.update({f"eval/baseline/{name}/{k}": v for k, v in summary.items() if _is_number(v)})
+            ties = summary.get("random_ties")
+            if isinstance(ties, dict):
+                out.update({f"eval/baseline/{name}_random_ties/{k}": v for k, v in ties.items() if _is_number(v)})
+    comparison = results.get("comparison")
+    if isinstance(comparison, dict):
+        out.update({f"eval/comparison/{k}": v for k, v in comparison.items() if _is_number(v)})
+    return out
+
+
 def describe_placement(model: torch.nn.Module) -> dict[str, Any]:
     """How the teacher is held on this rank: quantized modules, ZeRO-3 partitioning, local share."""
     quantized = sorted(
@@ -136,6 +181,7 @@ class RunSession:
         self.tracker: Any = None
         self.run_tracker: Any = None  # the job's own MLflow run (``tracker`` is a stage's while one runs)
         self.job, self.nest_stages = job, nest_stages
+        self.run_continued = False  # this sitting continues the MLflow run of an earlier one (set on enter)
         self._stage_runs: dict[str, str] = {}
         self._previous_stages: dict[str, str] = {}
         from ..stages import StageMeter
@@ -187,6 +233,8 @@ class RunSession:
         self.tracker.log_params(_resumed_params(cfg) if previous else cfg.to_dict())
         if previous:
             self.tracker.set_tags({"resumed": "true"})
+        # False when the store lost the run an earlier sitting logged to: this sitting's run starts empty.
+        self.run_continued = bool(previous) and getattr(self.tracker, "run_id", None) == previous["run_id"]
         dataset = dataset_record(self.splits, cfg.data) if is_main() else None
         self.tracker.set_tags(
             {
@@ -376,6 +424,49 @@ class RunSession:
 
         c.meter = StageMeter()
         return c
+
+    def restore_child(self, out: str | Path, cfg: RunConfig, run_name: str) -> str | None:
+        """A child an earlier sitting finished (an ablation cell), found again: when this tracking store has no
+        run of it (the store was lost, moved or is another one), a nested run is made from its folder, so the
+        parent run still shows every child. It gets the child's config as params, its training history
+        (``train_history.json``) at the steps it was logged, its evaluation from ``results.json`` and those files
+        as artifacts, tagged ``restored_from``. Returns the new run's id; ``None`` when the store already has
+        the child's run, could not be asked, tracking is off, or on ranks other than 0. Never retrains nor
+        rescores anything."""
+        from ..run_metadata import effective_uri, read_run_file, save_run_file
+        from ..tracking import make_tracker, run_in_store
+
+        out = Path(out)
+        if not (is_main() and cfg.tracking.enabled and self.run_tracker is not None):
+            return None
+        uri = effective_uri(cfg.tracking, self.out.parent)
+        previous = read_run_file(out, uri)
+        if previous and run_in_store(uri, previous["run_id"]) is not False:
+            return None
+        if hasattr(self.run_tracker, "flush"):
+            self.run_tracker.flush()
+        parent_id = getattr(self.run_tracker, "run_id", None)
+        tracker = make_tracker(cfg.tracking, self.out.parent, run_name=run_name, rank=0, run_dir=out)
+        with tracker:
+            tracker.log_params(cfg.to_dict())
+            tags = {"restored_from": str(out), **({"mlflow.parentRunId": parent_id} if parent_id else {})}
+            tracker.set_tags(tags)
+            history = _read_json(out / "train_history.json") or []
+            for record in history if isinstance(history, list) else []:
+                step = record.get("step")
+                numbers = {k: v for k, v in record.items() if _is_number(v) and k != "step"}
+                tracker.log_metrics(
+                    {(k if k.startswith("valid/") else f"train/{k}"): v for k, v in numbers.items()}, step=step
+                )
+            results = _read_json(out / "results.json") or {}
+            tracker.log_metrics(_eval_metrics(results))
+            for name in _RESTORED_FILES:
+                if (out / name).is_file():
+                    tracker.log_artifact(out / name)
+            run_id = getattr(tracker, "run_id", None)
+            save_run_file(out, tracker)
+        log.info("tracking: %s had no run in %s; restored from %s as run %s", run_name, uri, out, run_id)
+        return run_id
 
     def _enter_child(self) -> RunSession:
         from ..run_metadata import effective_uri, read_run_file
