@@ -237,6 +237,27 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     assert parent[0].data.metrics["eval/teacher/ndcg_at_10"] == pytest.approx(top["teacher"]["ndcg@10"])
 
 
+@pytest.mark.integration
+def test_a_cell_stopped_by_stop_at_step_is_not_finished_and_the_next_sitting_completes_it(tmp_path):
+    """train.stop_at_step ends a sitting inside a cell: the cell is neither scored nor marked finished (before,
+    it was, and every later sitting skipped an undertrained student); the next sitting continues its steps."""
+    run = tmp_path / "abl"
+    args = ["ablation", "--preset", "tiny", "--nproc", "1", "ablation.selections=[uniform]"]
+    args += ["ablation.weightings=[uniform]", "ablation.task_only=false", "train.max_steps=2", f"output_dir={run}"]
+    _ok(run_cli([*args, "train.stop_at_step=1"]))
+    cell = run / "cells" / "uniform+uniform"
+    assert not (cell / "cell.json").exists() and not (cell / "results.json").exists()
+    assert not (run / "final_evaluation.json").exists()
+    assert [h["step"] for h in json.loads((cell / "train_history.json").read_text())] == [1]
+    out = run_cli(args)
+    _ok(out)
+    assert "stopped at step" not in out.stderr
+    assert json.loads((cell / "cell.json").read_text())["cell"] == "uniform+uniform"
+    assert [h["step"] for h in json.loads((cell / "train_history.json").read_text())] == [1, 2]
+    assert json.loads((cell / "results.json").read_text())["student"]["n"] > 0
+    assert (run / "final_evaluation.json").is_file()
+
+
 def test_a_table_of_paired_intervals_says_how_many_would_exclude_zero_by_chance():
     from layerwise_dist.ablation_report import _multiplicity
 

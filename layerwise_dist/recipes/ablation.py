@@ -172,7 +172,10 @@ class AblationRecipe:
         for i, cell in enumerate(self.cells):
             with counted(out, f"cell:{cell.name}") as s:
                 s.reused = (self._cell_dir(cell.name) / CELL_DONE).is_file()
-                self.cell_results[cell.name] = self._cell(cell, profile, curve=(i == 0), cache_layers=cache_layers)
+                result = self._cell(cell, profile, curve=(i == 0), cache_layers=cache_layers)
+            if result is None:  # stopped early (train.stop_at_step): not finished; resume continues this cell
+                return session.finish()
+            self.cell_results[cell.name] = result
         session.teacher.release()
         session.results["cells"] = {
             name: {"folder": str(self._cell_dir(name)), "student": r.get("student")}
@@ -294,7 +297,11 @@ class AblationRecipe:
             )
         return sorted(layers)
 
-    def _cell(self, cell: Any, profile: Any, curve: bool, cache_layers: list[int] | None = None) -> dict[str, Any]:
+    def _cell(
+        self, cell: Any, profile: Any, curve: bool, cache_layers: list[int] | None = None
+    ) -> dict[str, Any] | None:
+        """Train, save and score one cell; its results. ``None`` when ``train.stop_at_step`` ended its training
+        before ``train.max_steps``: then it is neither scored nor marked finished (its checkpoint stays)."""
         from .distill import DistillRecipe
         from .evaluate import EvaluateRecipe
 
@@ -318,6 +325,15 @@ class AblationRecipe:
                 recipe = DistillRecipe(c, profile, cache_layers=cache_layers).setup().train()
                 student_dir = recipe.save()
                 recipe.release(keep_teacher=True)
+            if recipe.state.step < cfg.train.max_steps:
+                log.info(
+                    "ablation: cell %s stopped at step %d of %d (train.stop_at_step): not finished; run again "
+                    "without it to continue the cell from its checkpoint",
+                    cell.name,
+                    recipe.state.step,
+                    cfg.train.max_steps,
+                )
+                return None
             with c.meter.stage("evaluate"):
                 evaluation = EvaluateRecipe(c, student_dir, with_teacher=False).setup()
                 evaluation.run()
