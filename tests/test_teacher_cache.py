@@ -168,3 +168,35 @@ def test_a_cache_that_does_not_match_the_run_is_refused(tmp_path):
             _student_out(student, _batch(data, [1], tok, loss)), cached, _batch(data, [1], tok, loss)
         )
     assert math.isfinite(float(cached.logits.tail.max()))
+
+
+def test_a_teacher_folder_is_known_by_its_contents_not_its_path(tmp_path, monkeypatch):
+    """The cache key of a local teacher (an adapted, merged one) survives another working directory or a moved
+    output folder, and changes when the weights change in place (a teacher adapted again into the same folder)."""
+    import shutil
+
+    import safetensors.torch
+    import torch
+
+    from layerwise_dist.config import TeacherConfig
+    from layerwise_dist.recipes.distill import teacher_identity
+
+    a = tmp_path / "run" / "adapt" / "merged"
+    a.mkdir(parents=True)
+    (a / "config.json").write_text('{"num_hidden_layers": 2}')
+    (a / "tokenizer.json").write_text("{}")
+    weights = {"w": torch.randn(300_000), "b": torch.randn(17)}
+    safetensors.torch.save_file(weights, a / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    relative = teacher_identity(TeacherConfig(model="run/adapt/merged"))
+    assert relative == teacher_identity(TeacherConfig(model=str(a)))  # absolute or relative: one key
+    b = tmp_path / "moved" / "merged"
+    shutil.copytree(a, b)
+    assert teacher_identity(TeacherConfig(model=str(b))) == relative
+    (b / "tokenizer.json").write_text('{"x": 1}')  # not weights nor config: the same teacher
+    assert teacher_identity(TeacherConfig(model=str(b))) == relative
+    weights["w"][150_000] += 1.0  # trained again (one weight changed: this small file is read whole)
+    safetensors.torch.save_file(weights, b / "model.safetensors")
+    assert teacher_identity(TeacherConfig(model=str(b))) != relative
+    assert teacher_identity(TeacherConfig(model=str(a), quantization="none")) != relative
+    assert teacher_identity(TeacherConfig(model="smollm2-135m")).startswith("smollm2-135m|")

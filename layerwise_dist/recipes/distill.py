@@ -17,6 +17,43 @@ from .session import RunSession
 
 log = get_logger()
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def teacher_identity(t: Any) -> str:
+    """What a teacher cache is keyed on: the teacher, its quantization and, for a tiny one, its shape and seed.
+
+    A local folder (an adapted, merged teacher) counts by its contents, not its path: ``config.json`` and, per
+    weight file, its name, size and 64 chunks of 64 KiB spread over it. The cache is then recognised from
+    another working directory or output folder, and refused for a teacher trained again into the same
+    folder (its weights differ in every chunk). A registry name or hub id counts as written.
+    """
+    import hashlib
+
+    folder = Path(t.model)
+    if folder.is_dir():
+        h = hashlib.blake2b(digest_size=16)
+        for f in sorted(folder.iterdir()):
+            if not f.is_file() or not (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES):
+                continue
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size};".encode())
+            with open(f, "rb") as fh:
+                if f.name == "config.json":
+                    h.update(fh.read())
+                    continue
+                chunk = 1 << 16
+                for i in range(64):
+                    fh.seek(max(0, size - chunk) * i // 63)
+                    h.update(fh.read(chunk))
+        model = f"folder:{h.hexdigest()}"
+    else:
+        model = t.model
+    identity = f"{model}|{t.gguf_file}|{t.quantization}"
+    if t.model.startswith("tiny"):
+        identity += f"|{t.tiny_layers}x{t.tiny_hidden}|seed{t.tiny_seed}"
+    return identity
+
 
 def check_student_choice(cfg: RunConfig) -> None:
     """The student's layer choice and layer map against the teacher's config, before any expensive stage.
@@ -229,10 +266,7 @@ class DistillRecipe:
         from ..teacher_cache import TeacherCache
 
         cfg = self.cfg
-        t = cfg.teacher
-        identity = f"{t.model}|{t.gguf_file}|{t.quantization}"
-        if t.model.startswith("tiny"):
-            identity += f"|{t.tiny_layers}x{t.tiny_hidden}|seed{t.tiny_seed}"
+        identity = teacher_identity(cfg.teacher)
         layers = sorted(set(self.cache_layers or []) | set(self.layer_map))
         return TeacherCache(
             cfg.distill.teacher_cache,
