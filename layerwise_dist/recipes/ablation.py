@@ -171,7 +171,7 @@ class AblationRecipe:
         cache_layers = self._cache_layers(profile) if cfg.ablation.teacher_cache else None
         for i, cell in enumerate(self.cells):
             with counted(out, f"cell:{cell.name}") as s:
-                s.reused = (self._cell_dir(cell.name) / CELL_DONE).is_file()
+                s.reused = self._cell_done(cell.name)
                 result = self._cell(cell, profile, curve=(i == 0), cache_layers=cache_layers)
             if result is None:  # stopped early (train.stop_at_step): not finished; resume continues this cell
                 return session.finish()
@@ -183,7 +183,7 @@ class AblationRecipe:
         }
         if cfg.ablation.transfer_source:
             with counted(out, "transfer") as s:
-                s.reused = (out / "transfer" / "results.json").is_file()
+                s.reused = self._transfer_done()
                 self._transfer()
         first = self._cell_dir(self.cells[0].name)
         # The first cell's student already ranked these users: its quality is read back, not recomputed;
@@ -246,7 +246,7 @@ class AblationRecipe:
             changes["category"] = a.transfer_category
         data = dataclasses.replace(session.cfg.data, **changes)
         cfg = dataclasses.replace(session.cfg, data=data, output_dir=str(out))
-        if (out / "results.json").is_file():
+        if self._transfer_done():
             log.info("ablation: transfer check already in %s", out)
             session.restore_child(out, cfg, f"{session.out.name}-transfer")
             return
@@ -261,6 +261,12 @@ class AblationRecipe:
     # ---------------------------------------------------------------- stages
     def _cell_dir(self, name: str) -> Path:
         return self.session.out / "cells" / name
+
+    def _cell_done(self, name: str) -> bool:
+        return (self._cell_dir(name) / CELL_DONE).is_file()
+
+    def _transfer_done(self) -> bool:
+        return (self.session.out / "transfer" / "results.json").is_file()
 
     def _zero_shot_fisher_done(self) -> bool:
         out = self.session.out / "zero_shot"
@@ -307,13 +313,12 @@ class AblationRecipe:
 
         session = self.session
         out = self._cell_dir(cell.name)
-        done = out / CELL_DONE
         cfg = cell.config(session.cfg, out, session.cfg.ablation.curve_every if curve else 0)
         if cache_layers is not None:  # every cell reads the one cache (the first cell builds it)
             cfg = dataclasses.replace(
                 cfg, distill=dataclasses.replace(cfg.distill, teacher_cache=str(session.out / "teacher_cache"))
             )
-        if done.is_file():
+        if self._cell_done(cell.name):
             log.info("ablation: cell %s already finished (%s)", cell.name, out)
             session.restore_child(out, cfg, f"{session.out.name}-{cell.name}")
             return json.loads((out / "results.json").read_text())
@@ -340,7 +345,7 @@ class AblationRecipe:
                 evaluation.save()
             results = c.finish()
         if is_main():
-            done.write_text(json.dumps({"cell": cell.name, "wall_s": time.perf_counter() - t0}, indent=2))
+            (out / CELL_DONE).write_text(json.dumps({"cell": cell.name, "wall_s": time.perf_counter() - t0}, indent=2))
         barrier()
         if is_main():  # they only served a resume of this cell, which is never trained again (0.7 GB a cell here)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
