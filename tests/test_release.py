@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,19 @@ import textwrap
 import pytest
 
 from conftest import REPO, free_port, run_env
+
+
+def _one_rank_result(script: str) -> dict:
+    """Run ``script`` as rank 0 of a one-rank process group; the JSON it prints after ``RESULT ``."""
+    env = run_env()
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line[len("RESULT ") :])
+
 
 SCRIPT = textwrap.dedent(
     """
@@ -48,16 +62,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.distributed
 def test_destroy_engine_frees_the_model_where_destroy_alone_does_not():
-    env = run_env()
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
-
-    out = json.loads(line[len("RESULT ") :])
+    out = _one_rank_result(SCRIPT)
     # What the ablation hit: DeepSpeed's own destroy() leaves each ZeRO-3 model on its global module stack
     # and in the coordinator's class-level release cache.
     assert out["destroy"]["alive"] == 3 and out["destroy"]["stack"] == 3, out
@@ -94,15 +99,6 @@ def test_a_zero3_teacher_is_partitioned_when_the_student_trains_under_zero2():
     what a frozen teacher is; stages 1-2 partition nothing a frozen model has. So the student's engine follows
     the JSON (stage 2) and the teacher's is stage 3, for its inference and for its Fisher engine.
     """
-    env = run_env()
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run(
-        [sys.executable, "-c", TEACHER_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
-
-    assert json.loads(line[len("RESULT ") :]) == {
+    assert _one_rank_result(TEACHER_SCRIPT) == {
         f"{n}:{f}": True for n in ("zero2.json", "zero3.json") for f in (False, True)
     }
