@@ -75,8 +75,41 @@ QUIET_ENV = "LD_QUIET"
 #: SmolLM2) are page-faulted and zeroed by the kernel again and again: 30-45% of a rank's CPU time went to the
 #: kernel in the experiment. With mmap off, freed memory stays in the heap and is reused (measured on the
 #: experiment's first cell, same sitting: 7.0 -> 4.9 s per distillation step, kernel time 3.0 -> 1.4 s per
-#: 10 s of a rank). glibc reads them at process start: a job started another way sets them itself.
+#: 10 s of a rank). glibc reads them at process start; ranks started without them get them at
+#: :func:`init_distributed` (:func:`heap_only_allocation`).
 CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt() options (malloc.h)
+
+
+def heap_only_allocation() -> dict[str, int]:
+    """The settings of :data:`CPU_ALLOCATOR_ENV` applied to this running process with glibc's ``mallopt()``,
+    for CPU ranks started without them in their environment (a bare ``deepspeed launchers/...``, a Ray or
+    SLURM set-up of one's own, ``--nproc 1`` in process): :func:`init_distributed` calls it. A setting the
+    environment names is left as glibc read it at start. ``mallopt`` takes an ``int``, so the trim threshold
+    is 2 GiB here, not 64. Returns what it set (empty: nothing to do, a CUDA run, or no glibc).
+    """
+    import ctypes
+
+    if torch.cuda.is_available():
+        return {}
+    wanted = {
+        "MALLOC_MMAP_MAX_": (_M_MMAP_MAX, 0),
+        "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, min(int(CPU_ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]), 2**31 - 1)),
+    }
+    wanted = {k: v for k, v in wanted.items() if k not in os.environ}
+    if not wanted:
+        return {}
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 (glibc, not musl: the options below are glibc's)
+    except (OSError, AttributeError):
+        return {}
+    done = {}
+    for key, (option, value) in wanted.items():
+        if libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) == 1:
+            done[key] = value
+    return done
 
 
 def quiet() -> bool:
@@ -119,6 +152,7 @@ def init_distributed() -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+    heap_only_allocation()
     prepare_shm_op()
     import contextlib
     import io

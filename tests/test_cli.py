@@ -128,12 +128,20 @@ def test_heap_only_allocation_stops_the_page_faults_of_big_tensors():
         "    step()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
     )
-    faults = {}
-    for name, extra in (("default", {}), ("heap", CPU_ALLOCATOR_ENV)):
+    # "runtime": a rank started without the settings (a bare deepspeed launch) gets them at init_distributed.
+    runtime = "from layerwise_dist.distributed import heap_only_allocation\nprint(heap_only_allocation())\n"
+    faults, applied = {}, None
+    for name, extra, prefix in (("default", {}, ""), ("heap", CPU_ALLOCATOR_ENV, ""), ("runtime", {}, runtime)):
         env = {k: v for k, v in run_env().items() if k not in CPU_ALLOCATOR_ENV} | extra
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", prefix + script], env=env, capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         faults[name] = int(out.stdout.strip().splitlines()[-1])
+        if prefix:
+            applied = out.stdout.strip().splitlines()[0]
     pages = 960 * 49152 * 4 // os.sysconf("SC_PAGE_SIZE")  # one 190 MB tensor
     assert faults["default"] > 10 * pages, faults  # every round faults its tensors in again
     assert faults["heap"] < pages // 10, faults
+    assert faults["runtime"] < pages // 10, (faults, applied)
+    assert applied == str({"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 2**31 - 1})
