@@ -94,8 +94,6 @@ _RESTORED_FILES = (
     "results.json",
     "train_history.json",
     "layer_weights.json",
-    "fisher_profile.json",
-    "fisher_profile.png",
     "report.md",
     "report.png",
 )
@@ -429,8 +427,8 @@ class RunSession:
         """A child an earlier sitting finished (an ablation cell), found again: when this tracking store has no
         run of it (the store was lost, moved or is another one), a nested run is made from its folder, so the
         parent run still shows every child. It gets the child's config as params, its training history
-        (``train_history.json``) at the steps it was logged, its evaluation from ``results.json`` and those files
-        as artifacts, tagged ``restored_from``. Returns the new run's id; ``None`` when the store already has
+        (``train_history.json``) at the steps it was logged, its evaluation from ``results.json``, a Fisher
+        profile's chart, table and depth shares, and those files as artifacts, tagged ``restored_from``. Returns the new run's id; ``None`` when the store already has
         the child's run, could not be asked, tracking is off, or on ranks other than 0. Never retrains nor
         rescores anything."""
         from ..run_metadata import effective_uri, read_run_file, save_run_file
@@ -463,6 +461,11 @@ class RunSession:
             for name in _RESTORED_FILES:
                 if (out / name).is_file():
                     tracker.log_artifact(out / name)
+            if (out / "fisher_profile.json").is_file():  # a Fisher child: its chart, table and depth shares
+                from ..fisher.profile import FisherProfile
+                from ..run_metadata import log_fisher_profile
+
+                log_fisher_profile(tracker, FisherProfile.load_json(out / "fisher_profile.json"), out)
             run_id = getattr(tracker, "run_id", None)
             save_run_file(out, tracker)
         log.info("tracking: %s had no run in %s; restored from %s as run %s", run_name, uri, out, run_id)
