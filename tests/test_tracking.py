@@ -881,3 +881,39 @@ def test_pipeline_reads_well_in_the_mlflow_ui(tmp_path, server, monkeypatch):
         assert list(recs.columns) == ["user_id", "rank", "item_id", "title", "score", "source"]
         assert recs["rank"].tolist() == [1, 2, 3] and (recs["user_id"] == user).all()
         assert recs["score"].is_monotonic_decreasing
+
+
+def test_restore_child_makes_one_nested_run_from_a_finished_folder(tmp_path):
+    """A finished child (here a zero-shot Fisher child) whose run the store lacks gets one nested run from its
+    folder: params, the Fisher profile's depth shares and files, the scores of results.json; a second call,
+    the store now having it, adds nothing."""
+    from layerwise_dist.config import load_config
+    from layerwise_dist.fisher.profile import FisherProfile
+    from layerwise_dist.recipes.session import RunSession
+
+    results_dir = tmp_path / "results"
+    cfg = load_config("tiny", [f"output_dir={results_dir / 'abl'}", "tracking.enabled=true"])
+    child = results_dir / "abl" / "zero_shot"
+    profile = FisherProfile(scores=[1.0, 2.0, 3.0, 10.0])
+    profile.save_json(child / "fisher_profile.json")
+    scores = {"student": {"ndcg@10": 0.25, "n": 16, "ci95": {"ndcg@10": [0.2, 0.3]}}}
+    (child / "results.json").write_text(json.dumps({**scores, "baselines": {"random": {"ndcg@10": 0.2}}}))
+    (child / "train_history.json").write_text(json.dumps([{"step": 1, "total": 3.0}, {"step": 2, "total": 2.5}]))
+    session = object.__new__(RunSession)  # the parts restore_child reads: the job's folder and its run
+    session.out = results_dir / "abl"
+    with make_tracker(cfg.tracking, results_dir, run_name="abl", rank=0) as parent:
+        session.run_tracker = parent
+        run_id = session.restore_child(child, cfg, "abl-zero-shot")
+        assert run_id and session.restore_child(child, cfg, "abl-zero-shot") is None
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(results_dir))
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["restored_from"] == str(child) and run.info.run_name == "abl-zero-shot"
+    assert run.data.metrics["fisher/top30_share"] == pytest.approx(profile.depth_shares(0.3)[0])
+    assert run.data.metrics["eval/student/ndcg_at_10"] == 0.25 and "eval/student/ci95" not in run.data.metrics
+    assert run.data.metrics["eval/baseline/random/ndcg_at_10"] == 0.2
+    assert [m.value for m in client.get_metric_history(run_id, "train/total")] == [3.0, 2.5]
+    assert {"results.json", "train_history.json", "fisher/fisher_profile.png"} <= _artifacts(client, run_id)
+    assert read_run_file(child, default_tracking_uri(results_dir))["run_id"] == run_id
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    assert len(client.search_runs([experiment])) == 2  # the parent and one restored child
