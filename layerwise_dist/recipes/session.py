@@ -81,9 +81,7 @@ def _scores(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("teacher", "student"):
         if isinstance(results.get(name), dict):
-            out[name] = {
-                k: v for k, v in results[name].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
+            out[name] = {k: v for k, v in results[name].items() if _is_number(v)}
     if isinstance(results.get("comparison"), dict):
         out["comparison"] = results["comparison"]
     return out
@@ -113,23 +111,21 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _eval_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """The evaluation metrics a run logged, read back from its ``results.json`` (the same names: models as
-    ``eval/<model>/<metric>``, baselines as ``eval/baseline/<name>/<metric>``, ``eval/comparison/...``)."""
-    out: dict[str, float] = {}
+def _eval_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation metrics a run logged, read back from its ``results.json``, under the same names: every
+    scored model (:func:`_scores`' teacher, student and comparison, and any other, e.g. the zero-shot teacher)
+    as ``eval/<model>/<metric>``, baselines as ``eval/baseline/<name>/<metric>`` (and ``<name>_random_ties``)."""
+    scores = _scores(results)
     for name, value in results.items():
-        if isinstance(value, dict) and _is_number(value.get("ndcg@10")):
-            out.update({f"eval/{name}/{k}": v for k, v in value.items() if _is_number(v)})
+        if name not in scores and isinstance(value, dict) and _is_number(value.get("ndcg@10")):
+            scores[name] = {k: v for k, v in value.items() if _is_number(v)}
+    baselines: dict[str, Any] = {}
     for name, summary in (results.get("baselines") or {}).items():
         if isinstance(summary, dict):
-            out.update({f"eval/baseline/{name}/{k}": v for k, v in summary.items() if _is_number(v)})
-            ties = summary.get("random_ties")
-            if isinstance(ties, dict):
-                out.update({f"eval/baseline/{name}_random_ties/{k}": v for k, v in ties.items() if _is_number(v)})
-    comparison = results.get("comparison")
-    if isinstance(comparison, dict):
-        out.update({f"eval/comparison/{k}": v for k, v in comparison.items() if _is_number(v)})
-    return out
+            baselines[name] = {k: v for k, v in summary.items() if _is_number(v)}
+            if isinstance(summary.get("random_ties"), dict):
+                baselines[f"{name}_random_ties"] = {k: v for k, v in summary["random_ties"].items() if _is_number(v)}
+    return {"eval": {**scores, **({"baseline": baselines} if baselines else {})}}
 
 
 def describe_placement(model: torch.nn.Module) -> dict[str, Any]:
