@@ -215,17 +215,20 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
 
     # The store is lost (a fresh checkout has none): a rerun trains and scores nothing, yet its new parent run
     # again shows every child, restored from the folders, with their histories and scores.
-    (results_dir / "mlflow.db").rename(results_dir / "lost.db")
-    out = run_cli(args)
+    # (Another, empty store stands for the lost one: MLflow keeps one SQLAlchemy engine per store URI in the
+    # process, so a client would still read a renamed or deleted mlflow.db through its open connections.)
+    out = run_cli([*args, f"tracking.tracking_uri=sqlite:///{results_dir}/new.db"])
     _ok(out)
     assert json.loads((run / "compute.json").read_text())["stages"] == ledger
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir}/mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir}/new.db")
     runs = client.search_runs([client.get_experiment_by_name("layerwise_dist").experiment_id])
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(parent) == 1 and set(children) == {f"abl-{n}" for n in [*cells, "transfer"]}
     assert {c.data.tags["mlflow.parentRunId"] for c in children.values()} == {parent[0].info.run_id}
-    assert all("restored_from" in c.data.tags and c.info.status == "FINISHED" for c in children.values())
+    assert all("restored_from" in c.data.tags and c.info.status == "FINISHED" for c in children.values()), {
+        n: (c.info.status, sorted(c.data.tags)) for n, c in children.items()
+    }
     restored = children["abl-uniform+uniform"]
     assert restored.data.metrics["eval/student/ndcg_at_10"] == pytest.approx(cell_student["ndcg@10"])
     assert restored.data.params["distill.layer_weighting"] == "uniform"
