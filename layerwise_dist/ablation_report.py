@@ -289,7 +289,8 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "headline": headline,
         "curve": {"cell": first, "points": curve, **plateau(curve)},
         "speed_memory": {
-            "measured_on": order[0] if order else None,
+            # the cell whose student the final evaluation loaded (older runs: the first cell)
+            "measured_on": top.get("final_student_cell") or (order[0] if order else None),
             "speedup": comparison.get("speedup"),
             "memory_reduction": (comparison.get("memory_reduction") or {}).get("memory_model_bytes"),
         },

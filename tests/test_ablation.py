@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 from layerwise_dist.ablation_report import _wall, plateau
 from layerwise_dist.config import ConfigError, load_config
-from layerwise_dist.recipes.ablation import Cell, ablation_cells, add_compute, counted
+from layerwise_dist.recipes.ablation import AblationRecipe, Cell, ablation_cells, add_compute, counted
 
 
 def test_cells_and_their_configs(tmp_path):
@@ -34,6 +34,24 @@ def test_cells_and_their_configs(tmp_path):
         load_config("tiny", ["ablation.selections=[list]"])
     with pytest.raises(ConfigError, match="ablation.weightings must name"):
         load_config("tiny", ["ablation.weightings=[]"])
+
+
+def test_the_final_evaluation_loads_the_first_cell_whose_student_is_on_disk(tmp_path):
+    """Student folders are not committed: a fresh checkout finishing a run times a student it trained."""
+    from types import SimpleNamespace
+
+    cfg = load_config("tiny", ["ablation.selections=[fisher-topk,first]", "ablation.weightings=[fisher,uniform]"])
+    recipe = AblationRecipe(SimpleNamespace(cfg=cfg, out=tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no cell of .* has a student folder.*fisher-topk\+fisher/cell.json"):
+        recipe.final_student_cell()
+    for name in ("first+uniform", "fisher-topk+task_only"):
+        (tmp_path / "cells" / name / "student").mkdir(parents=True)
+        (tmp_path / "cells" / name / "student" / "config.json").write_text("{}")
+    (tmp_path / "cells" / "fisher-topk+uniform" / "student").mkdir(parents=True)  # no config.json: not a model
+    assert recipe.final_student_cell() == "first+uniform"
+    (tmp_path / "cells" / "fisher-topk+fisher" / "student").mkdir(parents=True)
+    (tmp_path / "cells" / "fisher-topk+fisher" / "student" / "config.json").write_text("{}")
+    assert recipe.final_student_cell() == "fisher-topk+fisher"
 
 
 def test_plateau_judges_the_second_half_of_the_curve():

@@ -16,8 +16,8 @@
    ``ablation.curve_every`` steps (its learning curve);
 5. with ``ablation.transfer_source``: the (adapted) teacher and the best cell's student on that data
    set's test users (``<out>/transfer/``), a transfer check;
-6. the baselines, zero-shot and adapted teacher scored in this run, beside the first cell's student
-   (``<out>/results.json``): quality on the same users (the student's read back from its cell's
+6. the baselines, zero-shot and adapted teacher scored in this run, beside one cell's student (the first
+   whose student folder is on disk: :meth:`AblationRecipe.final_student_cell`; ``<out>/results.json``): quality on the same users (the student's read back from its cell's
    per-example file, not recomputed) and the student/teacher speed and memory ratios measured in one
    process.
 
@@ -185,10 +185,6 @@ class AblationRecipe:
             with counted(out, "transfer") as s:
                 s.reused = self._transfer_done()
                 self._transfer()
-        first = self._cell_dir(self.cells[0].name)
-        # The first cell's student already ranked these users: its quality is read back, not recomputed;
-        # it is loaded again only for its speed and memory beside the teachers in this process.
-        reuse = {"student": first / "per_example" / "student.parquet"}
         with counted(out, "final_evaluation") as s:
             s.reused = (out / FINAL_DONE).is_file() and (out / "results.json").is_file()
             if s.reused:
@@ -196,7 +192,13 @@ class AblationRecipe:
                 results = self._final_results()
             else:
                 t0 = time.perf_counter()
-                results = _finish_with_eval(session, first / "student", reuse=reuse)
+                name = self.final_student_cell()
+                final = self._cell_dir(name)
+                # That student already ranked these users: its quality is read back, not recomputed; it is
+                # loaded again only for its speed and memory beside the teachers in this process.
+                session.results["final_student_cell"] = name
+                reuse = {"student": final / "per_example" / "student.parquet"}
+                results = _finish_with_eval(session, final / "student", reuse=reuse)
                 if is_main():
                     (out / FINAL_DONE).write_text(json.dumps({"wall_s": time.perf_counter() - t0}, indent=2))
         if is_main():
@@ -223,6 +225,23 @@ class AblationRecipe:
                 if (session.out / name).is_file():
                     session.tracker.log_artifact(session.out / name)
         return results
+
+    def final_student_cell(self) -> str:
+        """The cell whose student the final evaluation loads for speed and memory (all students share one
+        architecture): the first cell of the run whose student folder is on disk. Student folders are not
+        committed with the results, so on a fresh checkout only the cells trained there have one."""
+        for cell in self.cells:
+            if (self._cell_dir(cell.name) / "student" / "config.json").is_file():
+                if cell is not self.cells[0]:
+                    log.info("ablation: %s has no student folder; speed and memory are measured on %s's student",
+                             self.cells[0].name, cell.name)
+                return cell.name
+        first = self._cell_dir(self.cells[0].name)
+        raise FileNotFoundError(
+            f"no cell of {self.session.out / 'cells'} has a student folder (student/config.json), which the final "
+            f"evaluation loads to measure speed and memory; retrain one cell by removing {first / CELL_DONE} and "
+            "running the ablation again (its other stages are reused)"
+        )
 
     def best_cell(self) -> str:
         """The distilled cell with the highest test NDCG@10 (the task-only student is a baseline, not a candidate)."""
