@@ -32,9 +32,13 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _per_example(run: Path, results: Mapping[str, Any], ranker: str) -> Path | None:
-    files = results.get("per_example_files") or {}
-    path = files.get(ranker) or (run / "per_example" / f"{ranker}.parquet")
-    return Path(path) if Path(path).is_file() else None
+    """The ranker's per-example file: the run folder's own first (``results.json`` records the path the run
+    wrote, which names another run once the folder is renamed or copied), else the recorded one."""
+    own = run / "per_example" / f"{ranker}.parquet"
+    if own.is_file():
+        return own
+    path = (results.get("per_example_files") or {}).get(ranker)
+    return Path(path) if path and Path(path).is_file() else None
 
 
 def _values(path: Path, metric: str = "ndcg@10") -> dict[tuple[str, str], float]:
@@ -296,8 +300,40 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         },
         "wall_s": _wall(run, order),
     }
+    data["budget"] = budget_check(run, cfg, cells, n_boot)
     data["goals"] = goals(data)
     return data
+
+
+def budget_check(run: Path, cfg: Mapping[str, Any], cells: Sequence[str], n_boot: int = 1000) -> dict[str, Any]:
+    """Each cell's paired test NDCG@10 difference between this run and ``ablation.budget_reference``.
+
+    The reference is a finished ablation of the same cells on the same users and candidates with another
+    step budget. On every test user this sees a change the learning curve's few dozen validation users
+    cannot (their noise is a few hundredths). {} without a reference; a reference that cannot be read or
+    whose examples differ is an error naming it.
+    """
+    from .evaluation import compare_per_example
+
+    ref_s = ((cfg or {}).get("ablation") or {}).get("budget_reference") or ""
+    if not ref_s:
+        return {}
+    ref = Path(ref_s)
+    if not ref.is_dir() and not ref.is_absolute() and (run.parent / ref.name).is_dir():
+        ref = run.parent / ref.name  # a sibling run given relative to another working directory
+    if not (ref / "config.yaml").is_file():
+        raise FileNotFoundError(f"ablation.budget_reference={ref_s}: no finished ablation run there (no config.yaml)")
+    ref_cfg = _load_yaml(ref / "config.yaml")
+    steps = ((cfg.get("train") or {}).get("max_steps"), (ref_cfg.get("train") or {}).get("max_steps"))
+    out: dict[str, Any] = {"reference": str(ref), "steps": list(steps), "cells": []}
+    for name in cells:
+        a = _per_example(run / "cells" / name, _load(run / "cells" / name / "results.json"), "student")
+        b = _per_example(ref / "cells" / name, _load(ref / "cells" / name / "results.json"), "student")
+        if a is None or b is None:
+            continue
+        d = compare_per_example(a, b, ks=(10,), n_boot=n_boot)
+        out["cells"].append({"cell": name, "n": d["n"], "ndcg@10": d["metrics"]["ndcg@10"]})
+    return out
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -557,11 +593,29 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
         else:
             lines += [
                 "",
-                f"Plateau: {'reached' if curve['plateau'] else 'not reached'} (best {curve['best']:.4f} at step "
+                f"Plateau: {'no rise beyond the noise' if curve['plateau'] else 'not reached'} (best {curve['best']:.4f} at step "
                 f"{curve['best_step']}, last {curve['last']:.4f}; rise over the second half of the budget "
                 f"{curve['rise_second_half']:+.4f}; tolerance {curve['tolerance']}: below it the validation "
                 "sample's noise, not training, moves the curve).",
             ]
+    bud = data.get("budget") or {}
+    if bud:
+        here, there = bud["steps"]
+        lines += ["", f"## Step budget: {here} steps here against {there} in {bud['reference']} (test users)", ""]
+        lines += ["| cell | NDCG@10 here | NDCG@10 there | here - there [95% CI] | verdict |", "|---|---|---|---|---|"]
+        for c in bud["cells"]:
+            d = c["ndcg@10"]
+            lo, hi = d["ci95"]
+            lines.append(
+                f"| {c['cell']} | {d['a']:.4f} | {d['b']:.4f} | {_diff_cell(d)} | "
+                f"{_verdict(lo, hi, f'{here} steps', f'{there} steps')} |"
+            )
+        lines += _multiplicity(len(bud["cells"]))
+        lines += [
+            "",
+            "Paired over every test user, this is a finer check of the plateau than the learning curve above: "
+            "an interval that excludes 0 means the students had not stopped improving at the smaller budget.",
+        ]
     tr = data.get("transfer") or {}
     if tr:
         d = tr.get("data") or {}

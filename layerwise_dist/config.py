@@ -466,6 +466,11 @@ class AblationConfig:
         "compute the teacher's outputs once (<out>/teacher_cache: every layer any cell aligns to) and distil "
         "every cell from them (distill.teacher_cache); false = the teacher runs at every step of every cell",
     )
+    budget_reference: str = _f(
+        "",
+        "another finished ablation run folder (same cells, users and candidates, another train.max_steps): the "
+        "report gives each cell's paired test NDCG@10 difference between the two step budgets",
+    )
 
     def __post_init__(self) -> None:
         allowed = [s for s in typing.get_args(Selection) if s != "list"]

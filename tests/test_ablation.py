@@ -67,6 +67,44 @@ def test_plateau_judges_the_second_half_of_the_curve():
     assert plateau(pts([0.3, 0.3]))["plateau"] is None
 
 
+def _fake_run(root, name, steps, ranks, recorded=None):
+    """An ablation run folder with one cell whose student ranked 40 users' targets at ``ranks``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    run = root / name
+    cell = run / "cells" / "c"
+    (cell / "per_example").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"max_steps": steps}}))
+    users = [f"u{i}" for i in range(len(ranks))]
+    table = {"user": users, "target": ["t"] * len(users), "candidates": [["t", "x", "y"]] * len(users), "rank": ranks}
+    pq.write_table(pa.table(table), cell / "per_example" / "student.parquet")
+    # what the run recorded when it was written under another name (a renamed folder)
+    (cell / "results.json").write_text(json.dumps({"per_example_files": {"student": str(recorded or "")}}))
+    return run
+
+
+def test_the_budget_check_pairs_each_cell_with_the_reference_run_on_its_own_files(tmp_path):
+    from layerwise_dist.ablation_report import budget_check
+
+    short = _fake_run(tmp_path, "short", 100, [3] * 40)
+    # the reference was renamed: its results.json still names the short run's file, which must not be read
+    long = _fake_run(tmp_path, "long", 150, [1] * 40, recorded=short / "cells/c/per_example/student.parquet")
+    assert budget_check(short, {"train": {"max_steps": 100}}, ["c"]) == {}
+    cfg = {"train": {"max_steps": 100}, "ablation": {"budget_reference": str(long)}}
+    out = budget_check(short, cfg, ["c", "missing"], n_boot=200)
+    assert out["steps"] == [100, 150] and [c["cell"] for c in out["cells"]] == ["c"]
+    d = out["cells"][0]["ndcg@10"]
+    assert d["a"] == pytest.approx(0.5) and d["b"] == pytest.approx(1.0)  # 1/log2(4) vs 1/log2(2)
+    assert d["difference"] == pytest.approx(-0.5) and d["ci95"][1] < 0
+    cfg["ablation"]["budget_reference"] = "long"  # relative to another working directory: the sibling folder
+    assert budget_check(short, cfg, ["c"], n_boot=50)["reference"] == str(long)
+    cfg["ablation"]["budget_reference"] = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="budget_reference=.*nowhere: no finished ablation run"):
+        budget_check(short, cfg, ["c"])
+
+
 def test_compute_ledger_adds_every_sitting_and_the_report_prefers_it(tmp_path):
     (tmp_path / "cells" / "a").mkdir(parents=True)
     (tmp_path / "cells" / "b").mkdir(parents=True)
