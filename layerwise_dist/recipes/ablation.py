@@ -15,7 +15,7 @@
    scored on the test users (per-example parquet); the first cell validates every
    ``ablation.curve_every`` steps (its learning curve);
 5. with ``ablation.transfer_source``: the (adapted) teacher and the best cell's student on that data
-   set's test users (``<out>/transfer/``), a transfer check;
+   set's test users (``<out>/transfer/``), a transfer check of quality (no latency or memory there);
 6. the baselines, zero-shot and adapted teacher scored in this run, beside one cell's student (the first
    whose student folder is on disk: :meth:`AblationRecipe.final_student_cell`; ``<out>/results.json``): quality on the same users (the student's read back from its cell's
    per-example file, not recomputed) and the student/teacher speed and memory ratios measured in one
@@ -272,7 +272,8 @@ class AblationRecipe:
         best = self.best_cell()
         with session.meter.stage("transfer"), session.child(out, cfg, f"{session.out.name}-transfer") as t:
             t.results["transfer"] = {"cell": best, "source": data.source, "category": data.category}
-            recipe = EvaluateRecipe(t, self._cell_dir(best) / "student", with_teacher=True).setup()
+            student = self._cell_dir(best) / "student"
+            recipe = EvaluateRecipe(t, student, with_teacher=True, measure_cost=False).setup()
             recipe.run()
             recipe.save()
             t.finish()

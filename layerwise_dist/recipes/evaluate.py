@@ -54,17 +54,21 @@ class EvaluateRecipe:
         student_dir: str | Path | None = None,
         with_teacher: bool = True,
         reuse: dict[str, str | Path] | None = None,
+        measure_cost: bool = True,
     ) -> None:
         """``reuse={"student": "<cell>/per_example/student.parquet"}``: that model's quality is read from a
         per-example file of the same users and candidates (scored earlier, e.g. by an ablation cell) instead
         of scored again; the model is still loaded and its latency and memory measured here. A file of other
         users or candidates (or ``eval.permutations`` > 1) is not reused: the model is scored, with a warning.
+        ``measure_cost=False``: quality only, no latency or memory figures (the ablation's transfer check:
+        speed does not depend on the data set, and the final evaluation measures it).
         """
         self.session = session
         self.cfg = session.cfg
         self.student_dir = Path(student_dir) if student_dir is not None else None
         self.with_teacher = with_teacher
         self.reuse = {k: Path(v) for k, v in (reuse or {}).items()}
+        self.measure_cost = measure_cost
         self.results: dict[str, Any] = {}
         self.per_example: dict[str, Any] = {}
 
@@ -190,7 +194,7 @@ class EvaluateRecipe:
                 result = evaluate_per_example(model, self.batches, cfg.eval.ks, progress=True, pointwise_score=score)
                 session.timings[f"eval_{name}_s"] = time.perf_counter() - t0
                 result = self._debias(result, session.timings[f"eval_{name}_s"])
-            cost = measure_cost(model, timed, warmup=warmup, pointwise_score=score)
+            cost = measure_cost(model, timed, warmup=warmup, pointwise_score=score) if self.measure_cost else {}
             self.per_example[name] = result
             self.results[name] = {**result.summary(), **cost}
             session.tracker.log_metrics(
