@@ -305,6 +305,17 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     return data
 
 
+def budget_reference_dir(run: Path, ref_s: str) -> Path:
+    """The ``ablation.budget_reference`` run folder (or a sibling of ``run`` of that name, for a path given
+    relative to another working directory); FileNotFoundError when it holds no ablation run."""
+    ref = Path(ref_s)
+    if not ref.is_dir() and not ref.is_absolute() and (run.parent / ref.name).is_dir():
+        ref = run.parent / ref.name
+    if not (ref / "config.yaml").is_file():
+        raise FileNotFoundError(f"ablation.budget_reference={ref_s}: no finished ablation run there (no config.yaml)")
+    return ref
+
+
 def budget_check(run: Path, cfg: Mapping[str, Any], cells: Sequence[str], n_boot: int = 1000) -> dict[str, Any]:
     """Each cell's paired test NDCG@10 difference between this run and ``ablation.budget_reference``.
 
@@ -318,11 +329,7 @@ def budget_check(run: Path, cfg: Mapping[str, Any], cells: Sequence[str], n_boot
     ref_s = ((cfg or {}).get("ablation") or {}).get("budget_reference") or ""
     if not ref_s:
         return {}
-    ref = Path(ref_s)
-    if not ref.is_dir() and not ref.is_absolute() and (run.parent / ref.name).is_dir():
-        ref = run.parent / ref.name  # a sibling run given relative to another working directory
-    if not (ref / "config.yaml").is_file():
-        raise FileNotFoundError(f"ablation.budget_reference={ref_s}: no finished ablation run there (no config.yaml)")
+    ref = budget_reference_dir(run, ref_s)
     ref_cfg = _load_yaml(ref / "config.yaml")
     steps = ((cfg.get("train") or {}).get("max_steps"), (ref_cfg.get("train") or {}).get("max_steps"))
     out: dict[str, Any] = {"reference": str(ref), "steps": list(steps), "cells": []}

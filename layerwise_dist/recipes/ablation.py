@@ -152,6 +152,10 @@ class AblationRecipe:
 
         session, cfg = self.session, self.session.cfg
         out = session.out
+        if cfg.ablation.budget_reference:  # checked now, not hours later when the report is written
+            from ..ablation_report import budget_reference_dir
+
+            budget_reference_dir(out, cfg.ablation.budget_reference)
         if cfg.adapt.enabled and cfg.ablation.zero_shot_fisher:
             with counted(out, "fisher_zero_shot") as s:
                 s.reused = self._zero_shot_fisher_done()
