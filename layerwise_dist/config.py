@@ -347,6 +347,12 @@ class TrainConfig:
         "validate once more after the last step (skipped when that step already did); the ablation turns it off for cells whose test evaluation follows",
     )
     valid_examples: int = _f(16, "validation examples used for the validation loss (0 = the whole validation split)")
+    valid_rank_examples: int = _f(
+        0,
+        "validation users the student ranks at each validation, the learning curve's NDCG@10 (0 = the valid_examples "
+        "ones); more than valid_examples makes the curve's paired plateau verdict decisive without running the "
+        "teacher on them",
+    )
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     log_every: int = _f(1, "log losses every N steps")
     resume: bool = _f(False, "continue from the newest checkpoint in output_dir at the exact step")
@@ -369,6 +375,7 @@ class TrainConfig:
             "warmup_steps",
             "eval_every",
             "valid_examples",
+            "valid_rank_examples",
             "save_every",
             "grad_clip",
             "weight_decay",
@@ -597,6 +604,55 @@ class RunConfig:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Settings a later sitting of the same run may change: where things are (paths move between machines),
+# how the run is tracked, logged, checkpointed or stopped, and the report's reference run. Everything
+# else decides what a finished stage computed, so a resumed run must keep it (resume_changes).
+RESUME_SAFE_KEYS: tuple[str, ...] = (
+    "output_dir",
+    "data.reviews",
+    "data.meta",
+    "data.cache_dir",
+    "train.resume",
+    "train.stop_at_step",
+    "train.save_every",
+    "train.log_every",
+    "train.save_on_signal",
+    "eval.batch_size",
+    "ablation.budget_reference",
+    "tracking.",
+    "ray.",
+)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix[:-1]: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, earlier value, value now)`` for every setting that differs between the config an earlier
+    sitting saved (``previous``, ``<output_dir>/config.yaml``) and ``current``, except the
+    :data:`RESUME_SAFE_KEYS`. A key the earlier config lacks (written by an older version) is not a change.
+    """
+    before, now = _flat(previous), _flat(current)
+
+    def safe(key: str) -> bool:
+        return any(key == s or (s.endswith(".") and key.startswith(s)) for s in RESUME_SAFE_KEYS)
+
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, bool) != isinstance(b, bool):
+            return False
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+            return float(a) == float(b)
+        return a == b
+
+    return [(k, before[k], now[k]) for k in now if k in before and not safe(k) and not same(before[k], now[k])]
 
 
 def _one_line(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -65,6 +66,28 @@ def test_plateau_judges_the_second_half_of_the_curve():
     fell = plateau(pts([0.30, 0.40, 0.39, 0.36, 0.35, 0.35]))  # the last point far below the best
     assert fell["plateau"] is False and fell["best"] == pytest.approx(0.40)
     assert plateau(pts([0.3, 0.3]))["plateau"] is None
+
+
+def test_plateau_with_the_validation_ranks_pairs_the_second_half_user_by_user():
+    """With each validation user's rank at each point, the verdict is the paired rise over the second half of
+    the budget (from the point at half the budget to the last) with its bootstrap interval: below the tolerance is a
+    plateau, above 0 is not, straddling both is undecided (too few users), whatever the means alone suggest."""
+    rng = np.random.default_rng(0)
+    steps = [25, 50, 75, 100, 125, 150]
+    pts = [{"step": s, "valid_ndcg@10": 0.3} for s in steps]  # the means say nothing here
+    before = rng.integers(1, 21, size=400)
+    same = plateau(pts, ranks={"75": before.tolist(), "150": before.tolist()})
+    assert same["plateau"] is True and same["paired"]["from_step"] == 75 and same["paired"]["to_step"] == 150
+    assert same["paired"]["rise"] == 0.0 and same["paired"]["ci95"] == [0.0, 0.0] and same["paired"]["n"] == 400
+    better = np.where(rng.random(400) < 0.3, 1, before)  # 30% of the users now rank their target first
+    rising = plateau(pts, ranks={"75": before.tolist(), "150": better.tolist()})
+    assert rising["plateau"] is False and rising["paired"]["ci95"][0] > 0
+    few = rng.integers(1, 21, size=(2, 12))  # 12 users, unrelated ranks: the interval is far wider than 0.02
+    unsure = plateau(pts, ranks={"75": few[0].tolist(), "150": few[1].tolist()})
+    assert unsure["plateau"] is None and "12 validation users are too few" in unsure["reason"]
+    # Ranks missing for a point, or of another length: the means' heuristic, as for older runs.
+    assert "paired" not in plateau(pts, ranks={"150": before.tolist()})
+    assert "paired" not in plateau(pts, ranks={"75": before.tolist(), "150": before[:10].tolist()})
 
 
 def _fake_run(root, name, steps, ranks, recorded=None):
@@ -191,6 +214,7 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     args = ["ablation", "--preset", "tiny", "--nproc", "2", "ablation.selections=[uniform]"]
     args += ["ablation.weightings=[uniform]", "train.max_steps=2", "ablation.curve_every=1", "tracking.enabled=true"]
     args += ["ablation.transfer_source=embedded", f"output_dir={run}"]
+    args += ["train.valid_examples=8", "train.valid_rank_examples=16"]  # the curve ranks more users than the loss
     _ok(run_cli(args))
     cells = ["uniform+uniform", "uniform+task_only"]
     for name in cells:
@@ -212,6 +236,14 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     assert all(h["total"] == pytest.approx(h["ce"], rel=1e-5) for h in task_history)  # no KD, no alignment
     curve = json.loads((run / "cells" / "uniform+uniform" / "train_history.json").read_text())
     assert [h["step"] for h in curve if "valid/ndcg@10" in h] == [1, 2]
+    # Each curve point keeps its validation users' ranks (both ranks' users, the same order each time).
+    ranks = json.loads((run / "cells" / "uniform+uniform" / "valid_ranks.json").read_text())
+    assert set(ranks) == {"1", "2"} and len(ranks["1"]) == len(ranks["2"]) == 16
+    assert all(1 <= r <= 5 for r in ranks["1"] + ranks["2"])  # tiny: 5 candidates
+    ndcg = [h["valid/ndcg@10"] for h in curve if "valid/ndcg@10" in h]
+    from layerwise_dist.evaluation import per_example_metrics
+
+    assert [per_example_metrics(ranks[s], (10,))["ndcg@10"].mean() for s in ("1", "2")] == pytest.approx(ndcg)
 
     top = json.loads((run / "results.json").read_text())
     assert list(top["cells"]) == cells and "comparison" in top and top["teacher"]["n"] == 16
@@ -295,6 +327,17 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     assert {"results.json", "train_history.json"} <= artifacts
     assert parent[0].data.metrics["eval/teacher/ndcg_at_10"] == pytest.approx(top["teacher"]["ndcg@10"])
 
+    # Each cell records the teacher it was distilled from; a table of cells from different teachers is flagged.
+    from layerwise_dist.ablation_report import write_ablation_report
+
+    done = [json.loads((run / "cells" / n / "cell.json").read_text()) for n in cells]
+    assert done[0]["teacher"] == done[1]["teacher"] and done[0]["teacher"].startswith("tiny|")
+    assert "Mixed teachers" not in report
+    (run / "cells" / cells[1] / "cell.json").write_text(json.dumps({**done[1], "teacher": "folder:another"}))
+    mixed = write_ablation_report(run, n_boot=50)[0].read_text()
+    assert "**Mixed teachers**: the cells were distilled from 2 different teachers" in mixed
+    assert "uniform+task_only from `folder:another`" in mixed
+
 
 @pytest.mark.integration
 def test_a_cell_stopped_by_stop_at_step_is_not_finished_and_the_next_sitting_completes_it(tmp_path):
@@ -353,6 +396,61 @@ for sitting in range(2):
     seen[-1]["status"] = client.get_run(run_id).info.status
 print(json.dumps(seen))
 """
+
+
+_RESUMED_WITH_OTHER_SETTINGS = """
+import json, sys
+from pathlib import Path
+import yaml
+from layerwise_dist.config import ConfigError, load_config
+from layerwise_dist.recipes.session import RunSession
+
+def sitting(out, *overrides):
+    cfg = load_config("tiny", [f"output_dir={out}", "tracking.enabled=false", "train.resume=true", *overrides])
+    try:
+        with RunSession(cfg, job="ablation"):
+            (out / "fisher_profile.json").write_text("{}")  # a finished stage's file
+    except ConfigError as e:
+        return str(e)
+    return "ran with lr " + str(yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"])
+
+out, failed = Path(sys.argv[1]) / "run", Path(sys.argv[1]) / "failed_start"
+seen = [
+    sitting(out, "train.lr=1e-3"),
+    sitting(out, "train.lr=2e-3", "train.max_steps=9"),  # the finished stage was computed with lr 1e-3
+    sitting(out, "train.lr=1e-3", "tracking.run_name=again", "train.stop_at_step=3"),  # safe to change
+]
+load_config("tiny", [f"output_dir={failed}", "train.lr=1e-3"]).save(failed / "config.yaml")  # no stage ran
+seen.append(sitting(failed, "train.lr=2e-3"))
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.integration
+def test_a_resumed_run_with_other_settings_is_refused_before_it_reuses_finished_work(tmp_path):
+    """train.resume=true reuses finished stages and cells as they are: a sitting that changed what they
+    computed (here the learning rate and step budget) fails at the start, naming the settings, and leaves the
+    earlier config in place, and releases output_dir's lock (the next sitting runs in the same process);
+    tracking or stop settings may change; a start that did no work may be corrected."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESUMED_WITH_OTHER_SETTINGS, str(tmp_path)],
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, refused, safe, corrected = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first == "ran with lr 0.001" and safe == "ran with lr 0.001" and corrected == "ran with lr 0.002"
+    assert refused.startswith("train.resume=true would reuse the finished work in ")
+    assert "train.max_steps: " in refused and "train.lr: 0.001 there, 0.002 now" in refused
+    assert "tracking" not in refused and "new output_dir" in refused
 
 
 @pytest.mark.integration

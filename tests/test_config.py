@@ -370,3 +370,29 @@ def test_every_help_lists_every_key_with_its_default(command, capsys):
     text = capsys.readouterr().out.splitlines()
     missing = [line for line in help_text().splitlines() if line not in text]
     assert not missing, missing[:3]
+
+
+def test_resume_changes_name_what_a_finished_stage_depends_on_and_skip_the_safe_keys():
+    from layerwise_dist.config import resume_changes
+
+    before = load_config("tiny").to_dict()
+    now = load_config(
+        "tiny",
+        [
+            "train.lr=3e-4",
+            "train.max_steps=7",
+            "train.resume=true",  # safe: how the run continues
+            "train.stop_at_step=2",
+            "tracking.run_name=again",
+            "ablation.budget_reference=results/other",
+            "data.reviews=/elsewhere/reviews.jsonl",  # paths move between machines
+        ],
+    ).to_dict()
+    changes = resume_changes(before, now)
+    assert [c[0] for c in changes] == ["train.max_steps", "train.lr"]
+    assert changes[1][1:] == (before["train"]["lr"], 3e-4)
+    # Numbers read back from YAML compare by value; a key an older version did not write is no change.
+    assert (
+        resume_changes({"train": {"lr": 1, "max_steps": 40}}, {"train": {"lr": 1.0, "max_steps": 40, "new": 3}}) == []
+    )
+    assert resume_changes({"train": {"lr": 1}}, {"train": {"lr": True}}) == [("train.lr", 1, True)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -185,16 +186,27 @@ class RunSession:
     def __enter__(self) -> RunSession:
         if getattr(self, "_parent", None) is not None:
             return self._enter_child()
+        cfg = self.cfg
+        init_distributed()
+        torch.manual_seed(cfg.train.seed)
+        self.ds_config = resolve_ds_config(cfg.ds_config, cfg, "train")
+        self._lock = self._take_lock()
+        try:
+            self._open()
+        except BaseException:  # a setup that fails releases output_dir's lock and ends its MLflow run FAILED
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def _open(self) -> None:
+        """Everything ``__enter__`` does once output_dir is locked."""
         from ..data import load_splits
         from ..models.teacher import load_tokenizer
         from ..run_metadata import dataset_record, effective_uri, read_run_file, source_tags
         from ..tracking import make_tracker
 
         cfg = self.cfg
-        init_distributed()
-        torch.manual_seed(cfg.train.seed)
-        self.ds_config = resolve_ds_config(cfg.ds_config, cfg, "train")
-        self._lock = self._take_lock()
+        self._check_resume_config()
         # Teacher and data are checked before anything is written into output_dir.
         with self.meter.stage("setup"):
             self.tokenizer = load_tokenizer(cfg.teacher)
@@ -256,7 +268,37 @@ class RunSession:
             len(self.splits.test),
             cfg.teacher.model,
         )
-        return self
+
+    # What a start that failed on bad input leaves: no stage's work, so its settings may be corrected.
+    _SETUP_ONLY = frozenset(
+        {"config.yaml", "ds_config.resolved.json", ".layerwise_dist.lock", "mlflow_run.json", "tracking_buffer.jsonl"}
+    )
+
+    def _check_resume_config(self) -> None:
+        """With ``train.resume=true``, an output_dir holding an earlier sitting's work must have been run with
+        the same settings (:func:`layerwise_dist.config.resume_changes`): its finished stages and cells are
+        reused as they are, so a changed learning rate or step budget would silently report results that
+        were computed with the old one. Every rank reads the earlier config.yaml before rank 0 replaces it."""
+        import yaml
+
+        from ..config import ConfigError, resume_changes
+        from ..distributed import barrier
+
+        saved = self.out / "config.yaml"
+        changes = []
+        if self.cfg.train.resume and saved.is_file():
+            work = [p.name for p in self.out.iterdir() if p.name not in self._SETUP_ONLY]
+            if work:
+                changes = resume_changes(yaml.safe_load(saved.read_text()) or {}, self.cfg.to_dict())
+        barrier()
+        if changes:
+            listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, old, new in changes[:8])
+            more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+            raise ConfigError(
+                f"train.resume=true would reuse the finished work in {self.out}, which was run with other "
+                f"settings: {listed}{more}. Give this run a new output_dir, or set those values back to "
+                "resume it"
+            )
 
     def _take_lock(self) -> Any:
         """Rank 0 locks output_dir for the whole job; every rank learns the outcome (none hangs in a barrier)."""
