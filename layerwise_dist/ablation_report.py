@@ -291,7 +291,13 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "h3": h3,
         "selection": selection_pairs,
         "headline": headline,
-        "curve": {"cell": first, "points": curve, **plateau(curve)},
+        # the teacher each cell was distilled from (cell.json; cells finished before it was recorded have none)
+        "cell_teachers": {n: t for n in cells if (t := _load(run / "cells" / n / "cell.json").get("teacher"))},
+        "curve": {
+            "cell": first,
+            "points": curve,
+            **plateau(curve, ranks=_load(run / "cells" / first / "valid_ranks.json") if first else None),
+        },
         "speed_memory": {
             # the cell whose student the final evaluation loaded (older runs: the first cell)
             "measured_on": top.get("final_student_cell") or (order[0] if order else None),
@@ -423,13 +429,24 @@ def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def plateau(points: Sequence[Mapping[str, Any]], tolerance: float = 0.02) -> dict[str, Any]:
+def plateau(
+    points: Sequence[Mapping[str, Any]],
+    tolerance: float = 0.02,
+    ranks: Mapping[str, Sequence[int]] | None = None,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
     """Has validation NDCG@10 stopped rising over the step budget?
 
-    ``plateau`` is true when the last point is within ``tolerance`` of the best one and the points of
-    the budget's second half rise by less than ``tolerance`` (least-squares slope x the half's length).
-    With a few dozen validation users the curve moves by a few hundredths from noise alone, so a
-    tolerance below that would call noise a trend; the figures it used are returned with the verdict.
+    With ``ranks`` (the cell's ``valid_ranks.json``: each validation user's target rank at each point)
+    the verdict is paired: the rise from the point at half the budget (the first at or after it) to the last,
+    user by user, with its 95% bootstrap interval. ``plateau`` is true when the interval lies below
+    ``tolerance`` (the rise is smaller than that with 95% confidence), false when it lies above 0 (still
+    rising), and None when it straddles both (too few users to tell); ``paired`` holds the figures.
+
+    Without them (runs written before the ranks were kept): true when the last point is within
+    ``tolerance`` of the best one and the points of the second half rise by less than ``tolerance``
+    (least-squares slope x the half's length). With a few dozen validation users the curve moves by a
+    few hundredths from noise alone, so a tolerance below that would call noise a trend.
     """
     if len(points) < 3:
         return {"plateau": None, "reason": f"{len(points)} validation points; at least 3 are needed"}
@@ -443,7 +460,7 @@ def plateau(points: Sequence[Mapping[str, Any]], tolerance: float = 0.02) -> dic
         rise = 0.0
     gap = float(vals.max() - vals[-1])
     flat = gap <= tolerance and rise < tolerance
-    return {
+    out: dict[str, Any] = {
         "plateau": bool(flat),
         "best_step": int(steps[int(vals.argmax())]),
         "best": float(vals.max()),
@@ -451,6 +468,28 @@ def plateau(points: Sequence[Mapping[str, Any]], tolerance: float = 0.02) -> dic
         "rise_second_half": rise,
         "tolerance": tolerance,
     }
+    last = int(steps[-1])
+    start = int(steps[steps >= last / 2][0])  # the point at half the budget (or the first after it)
+    a, b = (ranks or {}).get(str(last)), (ranks or {}).get(str(start))
+    if a is not None and b is not None and start != last and len(a) == len(b) and len(a) > 0:
+        from .evaluation import paired_bootstrap_ci, per_example_metrics
+
+        na, nb = (per_example_metrics(r, (10,))["ndcg@10"] for r in (a, b))
+        lo, hi = paired_bootstrap_ci(na, nb, n_boot=n_boot)
+        out["paired"] = {
+            "from_step": start,
+            "to_step": last,
+            "n": len(a),
+            "rise": float(na.mean() - nb.mean()),
+            "ci95": [lo, hi],
+        }
+        out["plateau"] = True if hi < tolerance else False if lo > 0 else None
+        if out["plateau"] is None:
+            out["reason"] = (
+                f"the rise's interval [{lo:+.4f}, {hi:+.4f}] holds both 0 and the tolerance {tolerance}: "
+                f"{len(a)} validation users are too few to tell"
+            )
+    return out
 
 
 def goals(data: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -529,6 +568,18 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
             f"{_fmt_ci(r.get('hr@10'), ci.get('hr@10'))} | {_fmt_ci(r.get('mrr'), ci.get('mrr'))} | {retained} |"
         )
     lines += _ties_note(data["rankers"])
+    teachers = data.get("cell_teachers") or {}
+    if len(set(teachers.values())) > 1:
+        groups: dict[str, list[str]] = {}
+        for name, ident in teachers.items():
+            groups.setdefault(ident, []).append(name)
+        lines += [
+            "",
+            f"**Mixed teachers**: the cells were distilled from {len(groups)} different teachers (by the contents of "
+            "their weights, `cell.json`): "
+            + "; ".join(f"{', '.join(names)} from `{ident}`" for ident, names in groups.items())
+            + ". Compare the cells with that in mind.",
+        ]
     sm = data["speed_memory"]
     if sm["measured_on"] and sm["speedup"] is not None:
         mem = sm["memory_reduction"]
@@ -595,7 +646,19 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
         for pt in curve["points"]:
             loss = pt["valid_total"]
             lines.append(f"| {pt['step']} | {pt['valid_ndcg@10']:.4f} | {'n/a' if loss is None else f'{loss:.4f}'} |")
-        if curve.get("plateau") is None:
+        paired = curve.get("paired")
+        if paired:
+            lo, hi = paired["ci95"]
+            verdict = {True: "reached", False: "not reached", None: "not decided"}[curve["plateau"]]
+            lines += [
+                "",
+                f"Plateau: {verdict}. Rise of validation NDCG@10 from step {paired['from_step']} to step "
+                f"{paired['to_step']}, paired over the same {paired['n']} validation users: {paired['rise']:+.4f} "
+                f"[{lo:+.4f}, {hi:+.4f}] (95% bootstrap interval); reached means the interval lies below the "
+                f"tolerance {curve['tolerance']}, not reached that it lies above 0."
+                + (f" {curve['reason']}." if curve.get("reason") else ""),
+            ]
+        elif curve.get("plateau") is None:
             lines += ["", f"Plateau: not judged ({curve.get('reason')})."]
         else:
             lines += [

@@ -23,6 +23,7 @@ signal raises it at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import threading
@@ -451,13 +452,18 @@ class DistillationRunner:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean loss components over the validation examples (every rank its share), and the student's
-        NDCG@10, HR@10 and MRR on them (global over ranks)."""
+        """Mean loss components over the first ``train.valid_examples`` validation examples (every rank its
+        share), and the student's NDCG@10, HR@10 and MRR on the first ``train.valid_rank_examples`` (global
+        over ranks; 0: the same examples). Ranking runs the student only, so many users cost little."""
+        t = self.cfg.train
+        n_loss = min(len(self.valid_data), t.valid_examples) if t.valid_examples else len(self.valid_data)
+        n_rank = min(len(self.valid_data), t.valid_rank_examples) if t.valid_rank_examples else n_loss
         try:  # full batches only, the same count on every rank: ZeRO-3 forwards are collective
-            batches = RankSampler.for_rank(len(self.valid_data), self.cfg.train.micro_batch_size).epoch_batches()
+            batches = RankSampler.for_rank(n_loss, t.micro_batch_size).epoch_batches()
+            ranked = batches if n_rank == n_loss else RankSampler.for_rank(n_rank, t.micro_batch_size).epoch_batches()
         except DataError:
             return {}
-        from .evaluation import evaluate_model
+        from .evaluation import evaluate_per_example
 
         sums: dict[str, float] = {}
         self.engine.eval()
@@ -468,10 +474,19 @@ class DistillationRunner:
                 sums[k] = sums.get(k, 0.0) + float(v)
         metrics = self._mean_over_ranks({k: v / len(batches) for k, v in sums.items()})
         # The student's own ranking of the validation users (a learning curve that says when quality plateaus).
-        ranking = evaluate_model(
-            self.module.student, loaded, ks=(10,), progress=False, pointwise_score=self.cfg.data.pointwise_score
+        if ranked is not batches:
+            loaded = [load_batch(self.valid_data, indices, self.pad_token_id, self.engine.device) for indices in ranked]
+        result = evaluate_per_example(
+            self.module.student,
+            loaded,
+            ks=(10,),
+            progress=False,
+            pointwise_score=self.cfg.data.pointwise_score,
+            n_boot=100,  # the intervals are not used here; the report pairs the points' ranks
         )
-        metrics.update({k: float(ranking[k]) for k in ("ndcg@10", "hr@10", "mrr")})
+        metrics.update({k: float(result.metrics[k]) for k in ("ndcg@10", "hr@10", "mrr")})
+        if is_main():  # each validation user's target rank: the curve's points compared user by user
+            self._save_valid_ranks(result.ranks)
         self.engine.train()
         history = self.state.history
         if history and history[-1].get("step") == self.state.step:  # train_history.json carries the curve
@@ -479,6 +494,20 @@ class DistillationRunner:
         self.tracker.log_metrics({f"valid/{k}": v for k, v in metrics.items()}, step=self.state.step)
         log.info("step %d validation: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
+
+    VALID_RANKS = "valid_ranks.json"
+
+    def _save_valid_ranks(self, ranks: Any) -> None:
+        """``<out>/valid_ranks.json``: ``{step: [target rank of each validation user]}``, the users in the same
+        order at every step (the same batches, gathered rank by rank), so two points of the learning curve
+        can be compared user by user (:func:`layerwise_dist.ablation_report.plateau`). Written whole, then renamed."""
+        path = self.out / self.VALID_RANKS
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        saved[str(self.state.step)] = [int(r) for r in ranks]
+        tmp = path.with_suffix(".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(saved))
+        tmp.replace(path)
 
     # ---------------------------------------------------------------- saving
     def save_checkpoint(self) -> Path:

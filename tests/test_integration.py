@@ -49,6 +49,8 @@ def test_distill_launcher_nf4_teacher_zero3(tmp_path):
     for h in (history[3], history[7]):
         assert 0 < h["valid/ndcg@10"] <= 1 and 0 < h["valid/mrr"] <= h["valid/hr@10"] <= 1, h
         assert h["valid/ce"] > 0
+    ranks = json.loads((run / "valid_ranks.json").read_text())  # each validation user's rank, per point
+    assert set(ranks) == {"4", "8"} and len(ranks["4"]) == len(ranks["8"]) > 0
     first = sum(h["total"] for h in history[:2]) / 2
     last = sum(h["total"] for h in history[-2:]) / 2
     assert last < first, [h["total"] for h in history]

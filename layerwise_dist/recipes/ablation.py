@@ -237,8 +237,11 @@ class AblationRecipe:
         for cell in self.cells:
             if (self._cell_dir(cell.name) / "student" / "config.json").is_file():
                 if cell is not self.cells[0]:
-                    log.info("ablation: %s has no student folder; speed and memory are measured on %s's student",
-                             self.cells[0].name, cell.name)
+                    log.info(
+                        "ablation: %s has no student folder; speed and memory are measured on %s's student",
+                        self.cells[0].name,
+                        cell.name,
+                    )
                 return cell.name
         first = self._cell_dir(self.cells[0].name)
         raise FileNotFoundError(
@@ -332,7 +335,7 @@ class AblationRecipe:
     ) -> dict[str, Any] | None:
         """Train, save and score one cell; its results. ``None`` when ``train.stop_at_step`` ended its training
         before ``train.max_steps``: then it is neither scored nor marked finished (its checkpoint stays)."""
-        from .distill import DistillRecipe
+        from .distill import DistillRecipe, teacher_identity
         from .evaluate import EvaluateRecipe
 
         session = self.session
@@ -368,8 +371,9 @@ class AblationRecipe:
                 evaluation.run()
                 evaluation.save()
             results = c.finish()
-        if is_main():
-            (out / CELL_DONE).write_text(json.dumps({"cell": cell.name, "wall_s": time.perf_counter() - t0}, indent=2))
+        if is_main():  # the teacher it was distilled from, by contents: the report flags a table of mixed teachers
+            done = {"cell": cell.name, "wall_s": time.perf_counter() - t0, "teacher": teacher_identity(cfg.teacher)}
+            (out / CELL_DONE).write_text(json.dumps(done, indent=2))
         barrier()
         if is_main():  # they only served a resume of this cell, which is never trained again (0.7 GB a cell here)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -246,8 +246,9 @@ class DistillRecipe:
         )
         cache = self._teacher_cache() if cfg.distill.teacher_cache else None
         valid = session.examples("valid")
-        if cfg.train.valid_examples:
-            valid = valid.select(range(min(len(valid), cfg.train.valid_examples)))
+        t = cfg.train
+        if t.valid_examples:  # the loss's users, and the ranked ones if more (the runner tells them apart)
+            valid = valid.select(range(min(len(valid), max(t.valid_examples, t.valid_rank_examples))))
         return DistillationRunner(
             cfg,
             self.student,
