@@ -106,6 +106,12 @@ class DataConfig:
         "", "pointwise: plural noun phrase of the items in the prompt, e.g. 'video games' (default: from data.category)"
     )
     num_candidates: int = _f(20, "candidates per prompt: the true next item plus num_candidates-1 negatives")
+    train_candidates: int = _f(
+        0,
+        "pointwise: candidates per training example (the target plus train_candidates-1 negatives; 0 = "
+        "num_candidates); validation and test keep num_candidates. Fewer make a training step cheaper: every "
+        "candidate title is a forward, a backward and a full-vocabulary head at each of its tokens",
+    )
     title_max_tokens: int = _f(24, "each title is cut to this many tokens")
     negative_sampling: NegativeSampling = _f("uniform", "uniform or popularity sampling of negatives")
     max_length: int = _f(768, "prompts longer than this many tokens are an error (raise it or shorten titles)")
@@ -154,6 +160,16 @@ class DataConfig:
             raise ConfigError(f"data.num_candidates must be in [2, 1000]; got {self.num_candidates}")
         for name in ("max_train_examples", "max_eval_examples"):
             _positive("data", name, getattr(self, name), allow_zero=True)
+        if self.train_candidates and self.formulation != "pointwise":
+            raise ConfigError(
+                "data.train_candidates is a pointwise setting (listwise prompts label their candidates with "
+                "letters, the same set in training and evaluation): leave it 0"
+            )
+        if self.train_candidates and not 2 <= self.train_candidates <= self.num_candidates:
+            raise ConfigError(
+                f"data.train_candidates must be 0 or in [2, data.num_candidates={self.num_candidates}]; "
+                f"got {self.train_candidates}"
+            )
         if self.source != "embedded" and not self.reviews:
             raise ConfigError(f"data.source={self.source} needs data.reviews (a file or folder)")
 

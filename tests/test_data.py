@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from layerwise_dist.config import DataConfig
+from layerwise_dist.config import ConfigError, DataConfig
 from layerwise_dist.data import (
     IGNORE_INDEX,
     LABELS,
@@ -401,6 +401,25 @@ def test_examples_are_deterministic_and_well_formed(beauty: SplitData) -> None:
     assert [e.candidates for e in other] != [e.candidates for e in build_examples(beauty, "test", cfg)]
     counts = Counter(e.target_index for e in build_examples(beauty, "test", cfg))
     assert len(counts) == 8  # the target is shuffled over all positions
+
+
+def test_train_candidates_cut_only_the_training_examples(beauty: SplitData) -> None:
+    """data.train_candidates: training examples get the target plus train_candidates-1 untouched negatives;
+    validation and test keep num_candidates, the same examples as without it (the users' rankings do not move)."""
+    full = DataConfig(formulation="pointwise", history_len=4, num_candidates=8)
+    few = DataConfig(formulation="pointwise", history_len=4, num_candidates=8, train_candidates=3)
+    train = build_examples(beauty, "train", few)
+    assert len(train) == 253 and {len(e.candidates) for e in train} == {3}
+    for ex in train:
+        assert ex.target in ex.candidates and len(set(ex.candidates)) == 3
+        assert not (set(ex.candidates) - {ex.target}) & set(beauty.sequence(ex.user_id))
+    assert Counter(e.target_index for e in train).keys() == {0, 1, 2}  # the target still shuffled
+    for split in ("valid", "test"):
+        assert build_examples(beauty, split, few) == build_examples(beauty, split, full)
+    with pytest.raises(ConfigError, match=r"train_candidates must be 0 or in \[2, data.num_candidates=8\]; got 9"):
+        DataConfig(formulation="pointwise", num_candidates=8, train_candidates=9)
+    with pytest.raises(ConfigError, match="train_candidates is a pointwise setting"):
+        DataConfig(formulation="listwise", train_candidates=3)
 
 
 def test_stable_seed_is_not_pythons_hash() -> None:

@@ -1,7 +1,7 @@
 """Candidate-ranking examples (LlamaRec / LLMRank style) from a leave-one-out split.
 
 For a target item the example shows the last ``history_len`` items before it and
-``num_candidates`` candidates: the target plus negatives sampled from items the
+``num_candidates`` candidates (``train_candidates`` in training examples, when set): the target plus negatives sampled from items the
 user never touched (in train, valid or test), uniformly or by train popularity,
 then shuffled. All randomness comes from a per-example RNG seeded with a stable
 hash of ``(seed, user_id, split, position)`` (BLAKE2b, never Python's ``hash()``), so
@@ -151,7 +151,7 @@ def build_examples(
         splits.item_counts() if cfg.negative_sampling == "popularity" else None,
     )
     cut = TitleCutter(tokenizer, cfg.title_max_tokens)
-    n_neg = cfg.num_candidates - 1
+    n_neg = (cfg.train_candidates if split == "train" and cfg.train_candidates else cfg.num_candidates) - 1
     per_user = cfg.train_targets_per_user
     limit = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
     if users is not None:
