@@ -270,9 +270,7 @@ class RunSession:
         )
 
     # What a start that failed on bad input leaves: no stage's work, so its settings may be corrected.
-    _SETUP_ONLY = frozenset(
-        {"config.yaml", "ds_config.resolved.json", ".layerwise_dist.lock", "mlflow_run.json", "tracking_buffer.jsonl"}
-    )
+    _SETUP_ONLY = frozenset({"config.yaml", "ds_config.resolved.json", ".layerwise_dist.lock", "mlflow_run.json"})
 
     def _check_resume_config(self) -> None:
         """With ``train.resume=true``, an output_dir holding an earlier sitting's work must have been run with
@@ -287,7 +285,11 @@ class RunSession:
         saved = self.out / "config.yaml"
         changes = []
         if self.cfg.train.resume and saved.is_file():
-            work = [p.name for p in self.out.iterdir() if p.name not in self._SETUP_ONLY]
+            work = [  # MLflow's write-ahead buffers (tracking_buffer*.jsonl, their state) are not a stage's work
+                p.name
+                for p in self.out.iterdir()
+                if p.name not in self._SETUP_ONLY and not p.name.startswith("tracking_buffer")
+            ]
             if work:
                 changes = resume_changes(yaml.safe_load(saved.read_text()) or {}, self.cfg.to_dict())
         barrier()
