@@ -642,21 +642,14 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
 )
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix[:-1]: data}
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def resume_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, earlier value, value now)`` for every setting that differs between the config an earlier
     sitting saved (``previous``, ``<output_dir>/config.yaml``) and ``current``, except the
     :data:`RESUME_SAFE_KEYS`. A key the earlier config lacks (written by an older version) is not a change.
     """
-    before, now = _flat(previous), _flat(current)
+    from .tracking import flatten  # (tracking imports this module)
+
+    before, now = flatten(previous), flatten(current)
 
     def safe(key: str) -> bool:
         return any(key == s or (s.endswith(".") and key.startswith(s)) for s in RESUME_SAFE_KEYS)

@@ -368,6 +368,21 @@ def test_a_table_of_paired_intervals_says_how_many_would_exclude_zero_by_chance(
     assert "18 intervals" in note and "about 0.9 of them" in note
 
 
+def _script_result(code: str, arg) -> list:
+    """Run ``code`` in a fresh Python process (its own process group and MLflow state) with ``arg`` as argv[1];
+    the JSON of its last stdout line."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(arg)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 _CELL_STOPPED_THEN_RESUMED = """
 import dataclasses, json, sys
 from pathlib import Path
@@ -433,21 +448,7 @@ def test_a_resumed_run_with_other_settings_is_refused_before_it_reuses_finished_
     computed (here the learning rate and step budget) fails at the start, naming the settings, and leaves the
     earlier config in place, and releases output_dir's lock (the next sitting runs in the same process);
     tracking or stop settings may change; a start that did no work may be corrected."""
-    import subprocess
-    import sys
-
-    from conftest import REPO, run_env
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _RESUMED_WITH_OTHER_SETTINGS, str(tmp_path)],
-        cwd=REPO,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    first, refused, safe, corrected = json.loads(proc.stdout.strip().splitlines()[-1])
+    first, refused, safe, corrected = _script_result(_RESUMED_WITH_OTHER_SETTINGS, tmp_path)
     assert first == "ran with lr 0.001" and safe == "ran with lr 0.001" and corrected == "ran with lr 0.002"
     assert refused.startswith("train.resume=true would reuse the finished work in ")
     assert "train.max_steps: " in refused and "train.lr: 0.001 there, 0.002 now" in refused
@@ -457,22 +458,7 @@ def test_a_resumed_run_with_other_settings_is_refused_before_it_reuses_finished_
 @pytest.mark.integration
 def test_a_cell_stopped_by_a_signal_continues_its_own_mlflow_run(tmp_path):
     """An ablation cell stopped by SIGTERM ends its nested run KILLED; the next sitting continues that run."""
-    import subprocess
-    import sys
-
-    from conftest import REPO, run_env
-
-    out = tmp_path / "results" / "abl"
-    proc = subprocess.run(
-        [sys.executable, "-c", _CELL_STOPPED_THEN_RESUMED, str(out)],
-        cwd=REPO,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    first, second = _script_result(_CELL_STOPPED_THEN_RESUMED, tmp_path / "results" / "abl")
     assert first["status"] == "KILLED" and second["status"] == "FINISHED"
     assert first["cell"] == second["cell"] and first["parent"] == second["parent"]  # one run each, continued
     import mlflow
