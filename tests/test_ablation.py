@@ -438,6 +438,8 @@ seen = [
 load_config("tiny", [f"output_dir={failed}", "train.lr=1e-3"]).save(failed / "config.yaml")  # no stage ran
 (failed / "tracking_buffer.jsonl.state.json").write_text("{}")  # nor is MLflow's buffer a stage's work
 seen.append(sitting(failed, "train.lr=2e-3"))
+(out / "config.yaml").write_text("train: [unclosed")  # a corrupt record of the finished work's settings
+seen.append(sitting(out, "train.lr=1e-3"))
 print(json.dumps(seen))
 """
 
@@ -448,7 +450,11 @@ def test_a_resumed_run_with_other_settings_is_refused_before_it_reuses_finished_
     computed (here the learning rate and step budget) fails at the start, naming the settings, and leaves the
     earlier config in place, and releases output_dir's lock (the next sitting runs in the same process);
     tracking or stop settings may change; a start that did no work may be corrected."""
-    first, refused, safe, corrected = _script_result(_RESUMED_WITH_OTHER_SETTINGS, tmp_path)
+    first, refused, safe, corrected, unreadable = _script_result(_RESUMED_WITH_OTHER_SETTINGS, tmp_path)
+    assert unreadable.endswith(
+        "config.yaml is unreadable (ParserError), so the settings of the finished work in "
+        f"{tmp_path / 'run'} are unknown: restore that file, or give this run a new output_dir"
+    )
     assert first == "ran with lr 0.001" and safe == "ran with lr 0.001" and corrected == "ran with lr 0.002"
     assert refused.startswith("train.resume=true would reuse the finished work in ")
     assert "train.max_steps: " in refused and "train.lr: 0.001 there, 0.002 now" in refused

@@ -291,7 +291,14 @@ class RunSession:
                 if p.name not in self._SETUP_ONLY and not p.name.startswith("tracking_buffer")
             ]
             if work:
-                changes = resume_changes(yaml.safe_load(saved.read_text()) or {}, self.cfg.to_dict())
+                try:
+                    previous = yaml.safe_load(saved.read_text()) or {}
+                except (yaml.YAMLError, UnicodeDecodeError) as e:
+                    raise ConfigError(
+                        f"{saved} is unreadable ({type(e).__name__}), so the settings of the finished work in "
+                        f"{self.out} are unknown: restore that file, or give this run a new output_dir"
+                    ) from None
+                changes = resume_changes(previous if isinstance(previous, dict) else {}, self.cfg.to_dict())
         barrier()
         if changes:
             listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, old, new in changes[:8])
