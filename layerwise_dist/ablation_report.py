@@ -689,7 +689,7 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
     tr = data.get("transfer") or {}
     if tr:
         d = tr.get("data") or {}
-        lines += ["", f"## Transfer check: {d.get('source')} {d.get('category') or ''} (best cell {tr['cell']})", ""]
+        lines += ["", f"## Transfer check: {d.get('source')} {d.get('category') or ''} (cell {tr['cell']})", ""]
         lines += ["| ranker | NDCG@10 | HR@10 | MRR | users |", "|---|---|---|---|---|"]
         for name, r in tr["rankers"].items():
             ci = r.get("ci95") or {}

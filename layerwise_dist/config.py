@@ -480,7 +480,7 @@ class AblationConfig:
         True, "with adapt.enabled: also the Fisher profile of the zero-shot teacher (depth shares before adaptation)"
     )
     transfer_source: str = _f(
-        "", "transfer check: the (adapted) teacher and the best cell's student scored on this data.source too"
+        "", "transfer check: the (adapted) teacher and the first cell's student scored on this data.source too"
     )
     transfer_reviews: str = _f("", "transfer check: its data.reviews (empty = the source's default)")
     transfer_category: str = _f("", "transfer check: its data.category (empty = the source's default)")

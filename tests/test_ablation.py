@@ -276,7 +276,11 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     top = json.loads((run / "results.json").read_text())  # the data as loaded, not the config's default
     assert top["data"]["users"] > 0 and data["setup"]["data"]["category"] == top["data"]["category"]
     transfer = json.loads((run / "transfer" / "results.json").read_text())
-    assert transfer["transfer"]["cell"] == "uniform+uniform" and transfer["student"]["n"] == 16  # the best distilled
+    assert transfer["transfer"]["cell"] == "uniform+uniform" and transfer["student"]["n"] == 16  # the first cell
+    # ... scored right after that cell, before the second one is trained (its student folder is surely there).
+    first_done = (run / "cells" / cells[0] / "cell.json").stat().st_mtime_ns
+    second_done = (run / "cells" / cells[1] / "cell.json").stat().st_mtime_ns
+    assert first_done < (run / "transfer" / "results.json").stat().st_mtime_ns < second_done
     assert "teacher" in transfer and "## Transfer check: embedded" in report
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results_dir}/mlflow.db")

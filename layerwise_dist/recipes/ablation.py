@@ -14,8 +14,9 @@
    aligns to, in ``<out>/teacher_cache/``, and every cell reads them: :mod:`layerwise_dist.teacher_cache`), saved and
    scored on the test users (per-example parquet); the first cell validates every
    ``ablation.curve_every`` steps (its learning curve);
-5. with ``ablation.transfer_source``: the (adapted) teacher and the best cell's student on that data
-   set's test users (``<out>/transfer/``), a transfer check of quality (no latency or memory there);
+5. with ``ablation.transfer_source``, right after the first cell: the (adapted) teacher and that cell's
+   student on that data set's test users (``<out>/transfer/``), a transfer check of quality (no latency
+   or memory there);
 6. the baselines, zero-shot and adapted teacher scored in this run, beside one cell's student (the first
    whose student folder is on disk: :meth:`AblationRecipe.final_student_cell`; ``<out>/results.json``): quality on the same users (the student's read back from its cell's
    per-example file, not recomputed) and the student/teacher speed and memory ratios measured in one
@@ -180,15 +181,17 @@ class AblationRecipe:
             if result is None:  # stopped early (train.stop_at_step): not finished; resume continues this cell
                 return session.finish()
             self.cell_results[cell.name] = result
+            if i == 0 and cfg.ablation.transfer_source:
+                # Right after the first cell, while its student folder is surely on disk: student folders are
+                # not committed, so a later sitting on a fresh checkout may not have it.
+                with counted(out, "transfer") as s:
+                    s.reused = self._transfer_done()
+                    self._transfer()
         session.teacher.release()
         session.results["cells"] = {
             name: {"folder": str(self._cell_dir(name)), "student": r.get("student")}
             for name, r in self.cell_results.items()
         }
-        if cfg.ablation.transfer_source:
-            with counted(out, "transfer") as s:
-                s.reused = self._transfer_done()
-                self._transfer()
         with counted(out, "final_evaluation") as s:
             s.reused = (out / FINAL_DONE).is_file() and (out / "results.json").is_file()
             if s.reused:
@@ -260,7 +263,10 @@ class AblationRecipe:
         return max(scored, key=lambda n: scored[n])
 
     def _transfer(self) -> None:
-        """The (adapted) teacher and the best cell's student on another data set's test users (``<out>/transfer``)."""
+        """The (adapted) teacher and the first cell's student on another data set's test users (``<out>/transfer``).
+
+        The first cell (the preset's method, fisher-topk + fisher weights in the experiment) is fixed before any
+        result is seen; choosing the cell with the best test score would select on the test users."""
         from .evaluate import EvaluateRecipe
 
         session, a = self.session, self.session.cfg.ablation
@@ -276,10 +282,16 @@ class AblationRecipe:
             log.info("ablation: transfer check already in %s", out)
             session.restore_child(out, cfg, f"{session.out.name}-transfer")
             return
-        best = self.best_cell()
+        first = self.cells[0].name
+        student = self._cell_dir(first) / "student"
+        if not (student / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the transfer check scores {first}'s student, and {student} holds none (student folders are not "
+                f"committed); retrain that cell by removing {self._cell_dir(first) / CELL_DONE} and running the "
+                "ablation again (its other stages are reused)"
+            )
         with session.meter.stage("transfer"), session.child(out, cfg, f"{session.out.name}-transfer") as t:
-            t.results["transfer"] = {"cell": best, "source": data.source, "category": data.category}
-            student = self._cell_dir(best) / "student"
+            t.results["transfer"] = {"cell": first, "source": data.source, "category": data.category}
             recipe = EvaluateRecipe(t, student, with_teacher=True, measure_cost=False).setup()
             recipe.run()
             recipe.save()
