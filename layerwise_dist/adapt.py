@@ -324,6 +324,45 @@ def merged_model(base_dir: str | Path, state: dict[str, torch.Tensor]) -> nn.Mod
     return model
 
 
+def merge_saved_adapter(
+    cfg: RunConfig,
+    adapter_dir: str | Path,
+    merged_dir: str | Path,
+    tokenizer: Any = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Rebuild ``merged_dir`` from a saved adapter folder and its base, without training. Collective.
+
+    The merged folder of a finished adaptation is 0.5 GB and is not committed with the results; its adapter
+    folder (a few MB) can be. On a fresh checkout this gives back the merged teacher of that adaptation: the
+    base is loaded as the adaptation loaded it (:func:`load_base`: full precision or NF4), the adapters are
+    attached with PEFT, and the merge is the one :func:`export_adapted` wrote (:func:`merged_state_dict`), so
+    the weights are the same bit for bit on the same kind of machine. Rank 0 builds and writes; the folder is
+    swapped in by rename.
+    """
+    from peft import PeftModel
+
+    adapter_dir, merged_dir = Path(adapter_dir), Path(merged_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter (adapter_config.json): nothing to merge")
+    if is_main():
+        base = load_base(cfg)
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=ADAPTER_NAME).train()
+        from .models.teacher import resolve_model_dir
+
+        model = merged_model(resolve_model_dir(cfg.teacher), merged_state_dict(peft_model))
+        if info:
+            model.config.layerwise_dist_adapt = dict(info)
+        tmp = _tmp(merged_dir)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        swap_in(tmp, merged_dir)
+        log.info("adapted teacher: merged %s into its base again: %s", adapter_dir, merged_dir)
+    barrier()
+    return merged_dir
+
+
 # ---------------------------------------------------------------- export
 def _tmp(folder: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from layerwise_dist.adapt import (
     export_adapted,
     full_precision,
     load_base,
+    merge_saved_adapter,
     merged_model,
     merged_state_dict,
 )
@@ -112,6 +114,28 @@ def test_export_folders_load(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
     assert not (tmp_path / "merged.tmp").exists() and not (tmp_path / "adapter.tmp").exists()
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_a_saved_adapter_merges_again_into_the_same_weights(quantization, tmp_path):
+    """merge_saved_adapter (a fresh checkout: adapter committed, merged folder not): the merged weights that
+    export_adapted wrote, bit for bit, from the adapter folder and the base alone."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(f"teacher.quantization={quantization}", "adapt.quantized_base=true", "adapt.lora_dropout=0.0")
+    model = _adapted(cfg).train()  # train mode, as the adaptation exports it (no NF4 CPU repacking)
+    adapter_dir, merged_dir = export_adapted(
+        model, resolve_model_dir(cfg.teacher), tmp_path / "adapter", tmp_path / "merged", info={"steps": 3}
+    )
+    again = merge_saved_adapter(cfg, adapter_dir, tmp_path / "again", info={"steps": 3})
+    first, second = load_file(merged_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((again / "config.json").read_text())["layerwise_dist_adapt"] == {"steps": 3}
+    plain = load_base(dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, quantized_base=False)))
+    key = "model.layers.1.mlp.down_proj.weight"  # the adapters are in: not the base's weight
+    assert (second[key] - plain.state_dict()[key].float()).abs().max() > 1e-3
+    with pytest.raises(FileNotFoundError, match="holds no adapter"):
+        merge_saved_adapter(cfg, tmp_path / "nowhere", tmp_path / "x")
 
 
 def test_only_adapters_train_and_loss_is_masked_ce():
@@ -275,6 +299,29 @@ def test_adapt_launcher_qlora_zero3(qlora_run):
             plain += 1
     assert adapted == 16 and plain == 4 * 3  # k, o, gate projections without adapters
     assert torch.equal(merged_sd["model.norm.weight"], base.model.norm.weight)
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_a_fresh_checkout_merges_the_committed_adapter_again(qlora_run, tmp_path):
+    """A finished run's folder without adapt/merged (what a fresh checkout of committed results holds): the
+    resumed run merges the adapter into its base again instead of training, into the same weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    fresh = tmp_path / "run"
+    shutil.copytree(qlora_run, fresh, ignore=shutil.ignore_patterns("merged", "checkpoints"))
+    assert not (fresh / "adapt" / "merged").exists() and (fresh / "adapt" / "adapter").is_dir()
+    out = run_deepspeed("launchers/adapt.py", [*COMMON, f"output_dir={fresh}", "train.resume=true"])
+    _ok(out)
+    assert "merged folder missing: merging" in out.stdout + out.stderr
+    assert "adaptation already finished" in out.stdout + out.stderr  # no step was trained
+    a = load_file(str(qlora_run / "adapt" / "merged" / "model.safetensors"))
+    b = load_file(str(fresh / "adapt" / "merged" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((fresh / "adapt" / "merged" / "config.json").read_text())["layerwise_dist_adapt"]
+    assert info["steps"] == 4 and info["base_quantization"] == "nf4"
 
 
 @pytest.mark.slow  # ~2-3 min; resume exactness of the loop is in make test through test_faults

@@ -117,9 +117,22 @@ class AdaptRecipe:
         if not (self.cfg.train.resume and summary.is_file()):
             return None
         done = json.loads(summary.read_text())
-        complete = (self.merged_dir / "config.json").is_file() and (self.adapter_dir / "adapter_config.json").is_file()
-        if done.get("steps") != self.cfg.adapt.max_steps or not complete:
+        if done.get("steps") != self.cfg.adapt.max_steps or not (self.adapter_dir / "adapter_config.json").is_file():
             return None
+        if not (self.merged_dir / "config.json").is_file():
+            # A fresh checkout of committed results: the adapter is there, the merged folder (not committed) is
+            # rebuilt from it and the base, the same weights without the adaptation's training.
+            from ..adapt import merge_saved_adapter
+
+            log.info(
+                "resume: adaptation finished (%d steps), merged folder missing: merging %s again",
+                done["steps"],
+                self.adapter_dir,
+            )
+            info = {k: done[k] for k in ("base", "base_quantization", "steps", "lora") if k in done}
+            merge_saved_adapter(
+                self.cfg, self.adapter_dir, self.merged_dir, tokenizer=self.session.tokenizer, info=info
+            )
         log.info("resume: adaptation already finished (%d steps); using %s", done["steps"], self.merged_dir)
         return done
 
