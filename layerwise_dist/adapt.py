@@ -350,14 +350,7 @@ def merge_saved_adapter(
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=ADAPTER_NAME).train()
         from .models.teacher import resolve_model_dir
 
-        model = merged_model(resolve_model_dir(cfg.teacher), merged_state_dict(peft_model))
-        if info:
-            model.config.layerwise_dist_adapt = dict(info)
-        tmp = _tmp(merged_dir)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        swap_in(tmp, merged_dir)
+        _write_merged(resolve_model_dir(cfg.teacher), merged_state_dict(peft_model), merged_dir, tokenizer, info)
         log.info("adapted teacher: merged %s into its base again: %s", adapter_dir, merged_dir)
     barrier()
     return merged_dir
@@ -368,6 +361,20 @@ def _tmp(folder: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
+
+
+def _write_merged(
+    base_dir: str | Path, state: dict[str, torch.Tensor], merged_dir: Path, tokenizer: Any, info: dict[str, Any] | None
+) -> None:
+    """The merged fp32 folder (``info`` in its config as ``layerwise_dist_adapt``), swapped in by rename."""
+    model = merged_model(base_dir, state)
+    if info:
+        model.config.layerwise_dist_adapt = dict(info)
+    tmp = _tmp(merged_dir)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    swap_in(tmp, merged_dir)
 
 
 def export_adapted(
@@ -400,14 +407,7 @@ def export_adapted(
             config.base_model_name_or_path = saved_base
         swap_in(tmp, adapter_dir)
 
-        model = merged_model(base_dir, merged)
-        if info:
-            model.config.layerwise_dist_adapt = dict(info)
-        tmp = _tmp(merged_dir)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        swap_in(tmp, merged_dir)
+        _write_merged(base_dir, merged, merged_dir, tokenizer, info)
         log.info("adapted teacher: adapters in %s, merged fp32 model in %s", adapter_dir, merged_dir)
     barrier()
     return adapter_dir, merged_dir
