@@ -13,7 +13,10 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +66,26 @@ def emit(result: dict[str, Any], json_out: str = "", indent: int | None = 2) -> 
         path = Path(json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+
+
+def interleaved(
+    runs: Mapping[str, Callable[[], Any]], reps: int, warmup: bool = True
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of each run's ``reps`` calls, the runs interleaved within a round so that drifting
+    machine load hits every variant alike (``warmup``: one call of each first, not timed)."""
+    if warmup:
+        for fn in runs.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def medians(samples: Mapping[str, list[float]]) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in samples.items()}

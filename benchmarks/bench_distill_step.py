@@ -14,11 +14,9 @@ Goal: <= 1.10.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from _results import add_json_out, emit
+from _results import add_json_out, emit, interleaved, medians
 
 
 def main() -> None:
@@ -64,18 +62,8 @@ def main() -> None:
     def t_distill() -> None:
         trainer.train([batch], num_epochs=1)
 
-    timings: dict[str, list[float]] = {"teacher": [], "student": [], "distill": []}
-    cpu: dict[str, list[float]] = {"teacher": [], "student": [], "distill": []}
-    for fn in (t_teacher, t_student, t_distill):  # warm-up
-        fn()
-    for _ in range(args.reps):
-        for name, fn in (("teacher", t_teacher), ("student", t_student), ("distill", t_distill)):
-            start, c0 = time.perf_counter(), time.process_time()
-            fn()
-            timings[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - c0)
-    med = {k: statistics.median(v) for k, v in timings.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    timings, cpu = interleaved({"teacher": t_teacher, "student": t_student, "distill": t_distill}, args.reps)
+    med, med_cpu = medians(timings), medians(cpu)
     emit(
         {
             "preset": args.preset,

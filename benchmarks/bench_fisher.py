@@ -31,12 +31,10 @@ forward+backward is therefore about min(1, T*(i+o)/(i*o)) / 2: large for SmolLM2
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
-from _results import add_json_out, emit
+from _results import add_json_out, emit, interleaved, medians
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from layerwise_dist.fisher import answer_log_probs, compute_fisher_profile
@@ -140,18 +138,8 @@ def main() -> None:
     }
     if args.quant == "none":
         runs["plain_train"] = lambda: plain(model, batch, True)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    cpu: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():  # warm-up
-        fn()
-    for _ in range(args.reps):
-        for name, fn in runs.items():  # interleaved, so drifting machine load hits every variant alike
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    times, cpu = interleaved(runs, args.reps)
+    med, med_cpu = medians(times), medians(cpu)
     out = {
         "config": vars(args),
         "layer_shape": dict(zip(("hidden", "intermediate", "heads", "kv_heads"), SHAPES[args.shape])),

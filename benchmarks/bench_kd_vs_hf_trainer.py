@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from _results import add_json_out, emit
+from _results import add_json_out, emit, interleaved, medians
 
 
 def main() -> None:
@@ -180,19 +178,9 @@ def main() -> None:
         runner.engine.backward(loss)
         runner.engine.step()
 
-    contenders = (("package", step_package), ("package_cached", step_cached), ("hf_trainer", step_peer))
-    timings: dict[str, list[float]] = {name: [] for name, _ in contenders}
-    cpu: dict[str, list[float]] = {name: [] for name, _ in contenders}
-    for _, fn in contenders:  # warm-up (engine set-up, allocator)
-        fn()
-    for _ in range(args.reps):
-        for name, fn in contenders:
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            timings[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    med = {k: statistics.median(v) for k, v in timings.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    contenders = {"package": step_package, "package_cached": step_cached, "hf_trainer": step_peer}
+    timings, cpu = interleaved(contenders, args.reps)  # the warm-up call sets up the engines and the allocator
+    med, med_cpu = medians(timings), medians(cpu)
     tps = {k: tokens / v for k, v in med.items()}
     tps_cpu = {k: tokens / v for k, v in med_cpu.items()}
     emit(

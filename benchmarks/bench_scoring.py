@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from _results import add_json_out, emit
+from _results import add_json_out, emit, interleaved, medians
 
 
 def main() -> None:
@@ -82,16 +81,8 @@ def main() -> None:
         for role in models:  # warm-up, and the two paths give the same scores
             full, answer = runs[f"{role}_full"](), runs[f"{role}_answer_only"]()
             agreement[role] = float((full.float() - answer.float()).abs().max())
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        cpu: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(args.reps):
-            for name, fn in runs.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        times, cpu = interleaved(runs, args.reps, warmup=False)
+    med, med_cpu = medians(times), medians(cpu)
 
     seq = round(statistics.mean(prompt_tokens))
     tshape, sshape = planner.count_model(teacher.config), planner.count_model(student.config)
