@@ -150,6 +150,15 @@ def test_compute_ledger_adds_every_sitting_and_the_report_prefers_it(tmp_path):
     assert by["fisher_zero_shot"]["wall_s"] == 120.0 and by["fisher_zero_shot"]["source"] == "zero_shot/results.json"
     assert by["fisher"]["wall_s"] is None and wall["complete"] is False and "fisher" in wall["not_recorded"]
     assert wall["total_s"] == pytest.approx(ledger["cell:a"]["wall_s"] + 50.0 + 120.0) and wall["within_budget"]
+    assert wall["cache_builds"] == [] and wall["cache_rebuild_s"] == 0
+    # Cell a built the teacher cache; cell b, in a later sitting on a fresh checkout, built it again.
+    for name, built, seconds in (("a", 600, 400.0), ("b", 600, 410.0)):
+        res = {"teacher_cache": {"built_examples_rank0": built}, "timings": {"teacher_cache_s": seconds}}
+        (tmp_path / "cells" / name / "results.json").write_text(json.dumps(res))
+    wall = _wall(tmp_path, ["a", "b"])
+    assert [b["cell"] for b in wall["cache_builds"]] == ["a", "b"] and wall["cache_rebuild_s"] == 410.0
+    (tmp_path / "cells" / "b" / "results.json").write_text(json.dumps({"teacher_cache": {"built_examples_rank0": 0}}))
+    assert _wall(tmp_path, ["a", "b"])["cache_rebuild_s"] == 0  # it only read the cache: no rebuild
     (tmp_path / "compute.json").write_text("{not json")  # a corrupt ledger: warned about, never raised over
     with pytest.raises(RuntimeError, match="the stage's own error"), counted(tmp_path, "cell:a"):
         raise RuntimeError("the stage's own error")
