@@ -38,21 +38,32 @@ def test_cells_and_their_configs(tmp_path):
 
 
 def test_the_final_evaluation_loads_the_first_cell_whose_student_is_on_disk(tmp_path):
-    """Student folders are not committed: a fresh checkout finishing a run times a student it trained."""
+    """Student folders are not committed: a fresh checkout finishing a run times a student it trained, or, when
+    it trained none, the first cell's architecture built again from the teacher's layers."""
     from types import SimpleNamespace
 
+    from layerwise_dist.models.teacher import load_tokenizer
+
     cfg = load_config("tiny", ["ablation.selections=[fisher-topk,first]", "ablation.weightings=[fisher,uniform]"])
-    recipe = AblationRecipe(SimpleNamespace(cfg=cfg, out=tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"no cell of .* has a student folder.*fisher-topk\+fisher/cell.json"):
-        recipe.final_student_cell()
+    recipe = AblationRecipe(SimpleNamespace(cfg=cfg, out=tmp_path, tokenizer=load_tokenizer(cfg.teacher)))
+    with pytest.raises(FileNotFoundError, match=r"no cell of .* has a student folder.*layer_weights.json.*missing"):
+        recipe.final_student()
+    first = tmp_path / "cells" / "fisher-topk+fisher"
+    first.mkdir(parents=True)
+    (first / "layer_weights.json").write_text(json.dumps({"layer_map": [1, 3], "weights": [0.5, 0.5]}))
+    name, folder = recipe.final_student()
+    assert name == "fisher-topk+fisher" and folder == tmp_path / "final_student"
+    built = json.loads((folder / "config.json").read_text())
+    assert built["num_hidden_layers"] == 2 and built["layerwise_dist"]["layer_map"] == [1, 3]
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file()
     for name in ("first+uniform", "fisher-topk+task_only"):
         (tmp_path / "cells" / name / "student").mkdir(parents=True)
         (tmp_path / "cells" / name / "student" / "config.json").write_text("{}")
     (tmp_path / "cells" / "fisher-topk+uniform" / "student").mkdir(parents=True)  # no config.json: not a model
-    assert recipe.final_student_cell() == "first+uniform"
-    (tmp_path / "cells" / "fisher-topk+fisher" / "student").mkdir(parents=True)
-    (tmp_path / "cells" / "fisher-topk+fisher" / "student" / "config.json").write_text("{}")
-    assert recipe.final_student_cell() == "fisher-topk+fisher"
+    assert recipe.final_student() == ("first+uniform", tmp_path / "cells" / "first+uniform" / "student")
+    (first / "student").mkdir()
+    (first / "student" / "config.json").write_text("{}")
+    assert recipe.final_student() == ("fisher-topk+fisher", first / "student")
 
 
 def test_plateau_judges_the_second_half_of_the_curve():

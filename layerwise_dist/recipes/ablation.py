@@ -18,7 +18,7 @@
    student on that data set's test users (``<out>/transfer/``), a transfer check of quality (no latency
    or memory there);
 6. the baselines, zero-shot and adapted teacher scored in this run, beside one cell's student (the first
-   whose student folder is on disk: :meth:`AblationRecipe.final_student_cell`; ``<out>/results.json``): quality on the same users (the student's read back from its cell's
+   whose student folder is on disk, or its architecture built again: :meth:`AblationRecipe.final_student`; ``<out>/results.json``): quality on the same users (the student's read back from its cell's
    per-example file, not recomputed) and the student/teacher speed and memory ratios measured in one
    process.
 
@@ -199,13 +199,14 @@ class AblationRecipe:
                 results = self._final_results()
             else:
                 t0 = time.perf_counter()
-                name = self.final_student_cell()
-                final = self._cell_dir(name)
+                name, student_dir = self.final_student()
                 # That student already ranked these users: its quality is read back, not recomputed; it is
                 # loaded again only for its speed and memory beside the teachers in this process.
                 session.results["final_student_cell"] = name
-                reuse = {"student": final / "per_example" / "student.parquet"}
-                results = _finish_with_eval(session, final / "student", reuse=reuse)
+                if student_dir.parent != self._cell_dir(name):
+                    session.results["final_student_rebuilt"] = str(student_dir)
+                reuse = {"student": self._cell_dir(name) / "per_example" / "student.parquet"}
+                results = _finish_with_eval(session, student_dir, reuse=reuse)
                 if is_main():
                     (out / FINAL_DONE).write_text(json.dumps({"wall_s": time.perf_counter() - t0}, indent=2))
         if is_main():
@@ -233,10 +234,16 @@ class AblationRecipe:
                     session.tracker.log_artifact(session.out / name)
         return results
 
-    def final_student_cell(self) -> str:
+    def final_student(self) -> tuple[str, Path]:
         """The cell whose student the final evaluation loads for speed and memory (all students share one
-        architecture): the first cell of the run whose student folder is on disk. Student folders are not
-        committed with the results, so on a fresh checkout only the cells trained there have one."""
+        architecture), and the folder it loads: the first cell of the run whose student folder is on disk.
+
+        Student folders are not committed with the results, so a sitting on a fresh checkout that trains no
+        cell has none: then the first cell's student is built again from the teacher's layers (its layer map,
+        ``layer_weights.json``) into ``<out>/final_student``, untrained. Its latency and memory are those of
+        the trained one (the same architecture, dtype and shapes: they do not depend on the weights' values),
+        and its quality is not scored: it is read from that cell's per-example file.
+        """
         for cell in self.cells:
             if (self._cell_dir(cell.name) / "student" / "config.json").is_file():
                 if cell is not self.cells[0]:
@@ -245,13 +252,38 @@ class AblationRecipe:
                         self.cells[0].name,
                         cell.name,
                     )
-                return cell.name
-        first = self._cell_dir(self.cells[0].name)
-        raise FileNotFoundError(
-            f"no cell of {self.session.out / 'cells'} has a student folder (student/config.json), which the final "
-            f"evaluation loads to measure speed and memory; retrain one cell by removing {first / CELL_DONE} and "
-            "running the ablation again (its other stages are reused)"
+                return cell.name, self._cell_dir(cell.name) / "student"
+        first = self.cells[0].name
+        weights = self._cell_dir(first) / "layer_weights.json"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"no cell of {self.session.out / 'cells'} has a student folder (student/config.json), and "
+                f"{weights}, which names the first cell's teacher layers, is missing too: the final evaluation "
+                f"cannot build a student to measure speed and memory; retrain that cell by removing "
+                f"{self._cell_dir(first) / CELL_DONE} and running the ablation again (its other stages are reused)"
+            )
+        folder = self.session.out / "final_student"
+        if is_main() and not (folder / "config.json").is_file():
+            from ..export import swap_in
+            from ..models.student import build_student
+            from ..models.teacher import resolve_model_dir
+
+            layer_map = json.loads(weights.read_text())["layer_map"]
+            student, _ = build_student(resolve_model_dir(self.session.cfg.teacher), layer_map)
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            student.save_pretrained(str(tmp), safe_serialization=True)
+            self.session.tokenizer.save_pretrained(str(tmp))
+            swap_in(tmp, folder)
+            del student
+        barrier()
+        log.info(
+            "ablation: no cell's student folder is on disk (a fresh checkout); speed and memory are measured on "
+            "%s's architecture built again from the teacher's layers (%s), its quality read from its per-example file",
+            first,
+            folder,
         )
+        return first, folder
 
     def best_cell(self) -> str:
         """The distilled cell with the highest test NDCG@10 (the task-only student is a baseline, not a candidate)."""
