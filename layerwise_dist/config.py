@@ -650,6 +650,12 @@ def resume_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[tu
     from .tracking import flatten  # (tracking imports this module)
 
     before, now = flatten(previous), flatten(current)
+    # A run resolves teacher.attn_implementation=auto when it starts (pointwise: sdpa, RunSession) and saves the
+    # setting as given: "auto" on one side is the same setting as its resolution on the other.
+    for side in (before, now):
+        key = "teacher.attn_implementation"
+        if side.get(key) == "auto" and side.get("data.formulation") == "pointwise":
+            side[key] = "sdpa"
 
     def safe(key: str) -> bool:
         return any(key == s or (s.endswith(".") and key.startswith(s)) for s in RESUME_SAFE_KEYS)

@@ -396,3 +396,10 @@ def test_resume_changes_name_what_a_finished_stage_depends_on_and_skip_the_safe_
         resume_changes({"train": {"lr": 1, "max_steps": 40}}, {"train": {"lr": 1.0, "max_steps": 40, "new": 3}}) == []
     )
     assert resume_changes({"train": {"lr": 1}}, {"train": {"lr": True}}) == [("train.lr", 1, True)]
+    # The experiment's second sitting was refused over this: config.yaml keeps attn "auto", the session resolves
+    # it (pointwise: sdpa). The same setting; another kernel is still a change.
+    saved = {"data": {"formulation": "pointwise"}, "teacher": {"attn_implementation": "auto"}}
+    resolved = {"data": {"formulation": "pointwise"}, "teacher": {"attn_implementation": "sdpa"}}
+    assert resume_changes(saved, resolved) == [] and resume_changes(resolved, saved) == []
+    eager = {"data": {"formulation": "pointwise"}, "teacher": {"attn_implementation": "eager"}}
+    assert resume_changes(saved, eager) == [("teacher.attn_implementation", "sdpa", "eager")]
