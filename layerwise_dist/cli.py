@@ -101,6 +101,13 @@ def launch(command: str, args: argparse.Namespace) -> int:
         os.environ[TOKEN_ENV] = lock.token  # the job's rank 0 recognises the lock as its own
         if nproc <= 1:
             return run_job(JOBS[command], cfg)
+        from .recipes.session import check_resume_config
+
+        try:  # here, before the ranks' config.yaml replaces the earlier sitting's, which the check reads
+            check_resume_config(cfg)
+        except KNOWN_ERRORS as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
         return _start_ranks(command, cfg, nproc, args)
     finally:
         lock.release()

@@ -485,6 +485,23 @@ def test_a_resumed_run_with_other_settings_is_refused_before_it_reuses_finished_
     assert "tracking" not in refused and "new output_dir" in refused
 
 
+def test_the_multi_rank_launcher_checks_the_settings_before_it_replaces_config_yaml(tmp_path):
+    """`layerwise-dist --nproc 2` writes the ranks' config.yaml into output_dir; it used to do so before any
+    rank compared it with the earlier sitting's, so the ranks compared the new settings with themselves and a
+    changed learning rate went through. The launcher now refuses first, and the earlier config stays."""
+    run = tmp_path / "run"
+    run.mkdir()
+    load_config("tiny", ["train.lr=0.001", f"output_dir={run}"]).save(run / "config.yaml")
+    (run / "fisher_profile.json").write_text("{}")  # an earlier sitting's finished work
+    before = (run / "config.yaml").read_text()
+    out = run_cli(
+        ["distill", "--preset", "tiny", "--nproc", "2", f"output_dir={run}", "train.resume=true", "train.lr=0.002"]
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "train.lr: 0.001 there, 0.002 now" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert (run / "config.yaml").read_text() == before
+
+
 @pytest.mark.integration
 def test_a_cell_stopped_by_a_signal_continues_its_own_mlflow_run(tmp_path):
     """An ablation cell stopped by SIGTERM ends its nested run KILLED; the next sitting continues that run."""

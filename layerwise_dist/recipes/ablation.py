@@ -285,15 +285,6 @@ class AblationRecipe:
         )
         return first, folder
 
-    def best_cell(self) -> str:
-        """The distilled cell with the highest test NDCG@10 (the task-only student is a baseline, not a candidate)."""
-        scored = {
-            n: (r.get("student") or {}).get("ndcg@10", -1.0)
-            for n, r in self.cell_results.items()
-            if not (r.get("cell") or {}).get("task_only")
-        }
-        return max(scored, key=lambda n: scored[n])
-
     def _transfer(self) -> None:
         """The (adapted) teacher and the first cell's student on another data set's test users (``<out>/transfer``).
 

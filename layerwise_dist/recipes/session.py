@@ -269,45 +269,18 @@ class RunSession:
             cfg.teacher.model,
         )
 
-    # What a start that failed on bad input leaves: no stage's work, so its settings may be corrected.
-    _SETUP_ONLY = frozenset({"config.yaml", "ds_config.resolved.json", ".layerwise_dist.lock", "mlflow_run.json"})
-
     def _check_resume_config(self) -> None:
-        """With ``train.resume=true``, an output_dir holding an earlier sitting's work must have been run with
-        the same settings (:func:`layerwise_dist.config.resume_changes`): its finished stages and cells are
-        reused as they are, so a changed learning rate or step budget would silently report results that
-        were computed with the old one. Every rank reads the earlier config.yaml before rank 0 replaces it."""
-        import yaml
-
-        from ..config import ConfigError, resume_changes
+        """:func:`check_resume_config` on every rank, before rank 0 replaces the earlier config.yaml."""
         from ..distributed import barrier
 
-        saved = self.out / "config.yaml"
-        changes = []
-        if self.cfg.train.resume and saved.is_file():
-            work = [  # MLflow's write-ahead buffers (tracking_buffer*.jsonl, their state) are not a stage's work
-                p.name
-                for p in self.out.iterdir()
-                if p.name not in self._SETUP_ONLY and not p.name.startswith("tracking_buffer")
-            ]
-            if work:
-                try:
-                    previous = yaml.safe_load(saved.read_text()) or {}
-                except (yaml.YAMLError, UnicodeDecodeError) as e:
-                    raise ConfigError(
-                        f"{saved} is unreadable ({type(e).__name__}), so the settings of the finished work in "
-                        f"{self.out} are unknown: restore that file, or give this run a new output_dir"
-                    ) from None
-                changes = resume_changes(previous if isinstance(previous, dict) else {}, self.cfg.to_dict())
+        error = None
+        try:
+            check_resume_config(self.cfg)
+        except Exception as e:  # every rank reaches the barrier before one raises
+            error = e
         barrier()
-        if changes:
-            listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, old, new in changes[:8])
-            more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
-            raise ConfigError(
-                f"train.resume=true would reuse the finished work in {self.out}, which was run with other "
-                f"settings: {listed}{more}. Give this run a new output_dir, or set those values back to "
-                "resume it"
-            )
+        if error is not None:
+            raise error
 
     def _take_lock(self) -> Any:
         """Rank 0 locks output_dir for the whole job; every rank learns the outcome (none hangs in a barrier)."""
@@ -603,3 +576,42 @@ def _end_status(exc_type: type[BaseException] | None) -> str:
     if exc_type is None:
         return "FINISHED"
     return "KILLED" if issubclass(exc_type, (StoppedBySignal, KeyboardInterrupt)) else "FAILED"
+
+
+# What a start that failed on bad input leaves: no stage's work, so its settings may be corrected.
+_SETUP_ONLY = frozenset({"config.yaml", "ds_config.resolved.json", ".layerwise_dist.lock", "mlflow_run.json"})
+
+
+def check_resume_config(cfg: RunConfig) -> None:
+    """With ``train.resume=true``, an output_dir holding an earlier sitting's work must have been run with
+    the same settings (:func:`layerwise_dist.config.resume_changes`): its finished stages and cells are
+    reused as they are, so a changed learning rate or step budget would silently report results that
+    were computed with the old one. A ConfigError names each changed setting. Called by every session and,
+    before it writes the ranks' config.yaml over the earlier one, by ``layerwise-dist --nproc N``."""
+    import yaml
+
+    from ..config import ConfigError, resume_changes
+
+    out = Path(cfg.output_dir)
+    saved = out / "config.yaml"
+    if not (cfg.train.resume and saved.is_file()):
+        return
+    # MLflow's write-ahead buffers (tracking_buffer*.jsonl, their state) are not a stage's work
+    if not [p for p in out.iterdir() if p.name not in _SETUP_ONLY and not p.name.startswith("tracking_buffer")]:
+        return
+    try:
+        previous = yaml.safe_load(saved.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{saved} is unreadable ({type(e).__name__}), so the settings of the finished work in "
+            f"{out} are unknown: restore that file, or give this run a new output_dir"
+        ) from None
+    changes = resume_changes(previous if isinstance(previous, dict) else {}, cfg.to_dict())
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, old, new in changes[:8])
+        more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+        raise ConfigError(
+            f"train.resume=true would reuse the finished work in {out}, which was run with other "
+            f"settings: {listed}{more}. Give this run a new output_dir, or set those values back to "
+            "resume it"
+        )
