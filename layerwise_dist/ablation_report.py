@@ -426,9 +426,20 @@ def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
         seconds = (res.get("timings") or {}).get("teacher_cache_s")
         if (res.get("teacher_cache") or {}).get("built_examples_rank0") and seconds:
             builds.append({"cell": n, "seconds": float(seconds)})
+    # Teacher scores read from another run (eval.reuse_teacher_scores): computed there, not in this ledger.
+    reused = [
+        {"model": name, "from": r["reused_from"], "seconds": r.get("reused_compute_s")}
+        for name, r in ((n, top.get(n) or {}) for n in ("teacher_zero_shot", "teacher"))
+        if r.get("reuse_check") is not None and r.get("reused_from")
+    ]
+    reused_s = sum(x["seconds"] or 0.0 for x in reused)
     return {
         "stages": stages,
         "total_s": total,
+        "reused": reused,
+        "reused_s": reused_s,
+        "total_with_reused_s": total + reused_s,
+        "within_budget_with_reused": total + reused_s <= COMPUTE_BUDGET_S,
         "cache_builds": builds,
         "cache_rebuild_s": sum(b["seconds"] for b in builds[1:]),
         "complete": not missing,
@@ -723,6 +734,25 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
         f"{wall['budget_s'] / 3600:.0f} h: {'within' if wall['within_budget'] else 'over'}.",
         "",
     ]
+    reused = wall.get("reused") or []
+    if reused:
+        unknown = [x["model"] for x in reused if x["seconds"] is None]
+        with_reused = wall["total_with_reused_s"]
+        lines += [
+            "Not in the total: the scores of "
+            + ", ".join(
+                f"{x['model']} ({x['from']}, scored there in "
+                + ("an unrecorded time" if x["seconds"] is None else f"{x['seconds']:,.0f} s")
+                + ")"
+                for x in reused
+            )
+            + " were read from an earlier run's per-example files of the same users and candidates (each teacher, "
+            "loaded here for its speed and memory, scored its first batch as the file does). Counting them, a run "
+            f"from scratch takes {with_reused:,.0f} s = {with_reused / 3600:.2f} h"
+            + (f" or more ({', '.join(unknown)} unrecorded)" if unknown else "")
+            + f": {'within' if wall['within_budget_with_reused'] else 'over'} the budget.",
+            "",
+        ]
     builds = wall.get("cache_builds") or []
     if len(builds) > 1:
         once = wall["total_s"] - wall["cache_rebuild_s"]

@@ -427,6 +427,11 @@ class EvalConfig:
     )
     models: bool = _f(True, "score the teacher and student (false: baselines only, no model is loaded)")
     baselines: list[str] = _f(["random", "popularity"], "reference rankers scored on the same candidates")
+    reuse_teacher_scores: str = _f(
+        "",
+        "a finished run's folder whose per_example/teacher*.parquet are read instead of scoring the teachers again, "
+        "if they hold these users and candidates and the teacher scores its first batch the same (else scored)",
+    )
 
     def __post_init__(self) -> None:
         _check_choices("eval", self)
@@ -636,6 +641,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "train.log_every",
     "train.save_on_signal",
     "eval.batch_size",
+    "eval.reuse_teacher_scores",  # reused only where the model gives the file's scores: the same numbers
     "ablation.budget_reference",
     "tracking.",
     "ray.",

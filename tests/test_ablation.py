@@ -190,7 +190,7 @@ def test_evaluation_reuses_a_per_example_file_only_for_the_same_users_and_candid
     write_per_example(scored, examples, path)
     recipe = object.__new__(EvaluateRecipe)
     recipe.cfg = SimpleNamespace(eval=SimpleNamespace(ks=[1, 10]))
-    recipe.reuse, recipe.orders, recipe.examples = {"student": path}, None, examples
+    recipe.reuse, recipe.orders, recipe.examples, recipe.spot_checked = {"student": path}, None, examples, {}
     got = recipe._reused("student")
     assert got.metrics == scored.metrics and (got.ranks == scored.ranks).all()  # ranks 1 and 2
     assert got.extra["reused_from"] == str(path) and "position_bias" in got.extra
@@ -515,3 +515,59 @@ def test_a_cell_stopped_by_a_signal_continues_its_own_mlflow_run(tmp_path):
     assert run.data.tags["mlflow.parentRunId"] == second["parent"] and run.data.tags.get("resumed") == "true"
     steps = [m.step for m in client.get_metric_history(second["cell"], "step_seen")]
     assert sorted(steps) == [0, 1]  # both sittings' records in the one run
+
+
+def test_teacher_scores_are_reused_from_another_run_only_when_the_teacher_scores_alike(tmp_path):
+    """Two ranks through the CLI: a second evaluation with eval.reuse_teacher_scores reads the first run's teacher
+    scores (spot-checked on each rank's first batch); another teacher (other random weights) is scored anew."""
+    import pyarrow.parquet as pq
+
+    from conftest import run_cli
+
+    common = ["evaluate", "--preset", "tiny", "--nproc", "2", f"data.cache_dir={tmp_path / 'cache'}"]
+    first, again, other = tmp_path / "first", tmp_path / "again", tmp_path / "other"
+    _ok(run_cli([*common, f"output_dir={first}"], timeout=600))
+    _ok(run_cli([*common, f"output_dir={again}", f"eval.reuse_teacher_scores={first}"], timeout=600))
+    a, b = (json.loads((d / "results.json").read_text()) for d in (first, again))
+    assert "reused_from" not in a["teacher"] and "eval_teacher_s" in a["timings"]
+    teacher = b["teacher"]
+    assert teacher["reused_from"] == str(first / "per_example" / "teacher.parquet")
+    assert teacher["reuse_check"]["max_abs_diff"] <= 1e-4 and teacher["reuse_check"]["examples"] == 8  # 2 x 4
+    assert teacher["reused_compute_s"] == pytest.approx(a["timings"]["eval_teacher_s"])
+    assert "eval_teacher_s" not in b["timings"] and teacher["latency_ms_per_example_median"] > 0  # still timed
+    for key in ("ndcg@10", "hr@10", "mrr", "n"):
+        assert teacher[key] == a["teacher"][key]
+    ta, tb = (pq.read_table(d / "per_example" / "teacher.parquet").to_pydict() for d in (first, again))
+    assert ta["scores"] == tb["scores"] and ta["user"] == tb["user"]
+    out = run_cli([*common, f"output_dir={other}", f"eval.reuse_teacher_scores={first}", "teacher.tiny_seed=1"])
+    _ok(out)
+    c = json.loads((other / "results.json").read_text())
+    assert "reused_from" not in c["teacher"] and "eval_teacher_s" in c["timings"]
+    assert "otherwise than the file" in out.stderr and "another model" in out.stderr
+    # A folder without per-example teacher files: one clear error (the ablation asks before its first stage).
+    from layerwise_dist.recipes.evaluate import reused_teacher_files
+
+    with pytest.raises(FileNotFoundError, match="no teacher.parquet or teacher_zero_shot.parquet"):
+        reused_teacher_files(tmp_path)
+    assert set(reused_teacher_files(first)) == {"teacher"}
+
+
+def test_the_compute_report_names_teacher_scores_read_from_another_run(tmp_path):
+    from layerwise_dist.ablation_report import _wall
+
+    (tmp_path / "cells" / "a").mkdir(parents=True)
+    (tmp_path / "cells" / "a" / "cell.json").write_text(json.dumps({"wall_s": 100.0}))
+    top = {
+        "timings": {"eval_student_s": 10.0},
+        "teacher": {"reused_from": "old/per_example/teacher.parquet", "reuse_check": {}, "reused_compute_s": 5000.0},
+        "teacher_zero_shot": {"ndcg@10": 0.3},  # scored here
+        "student": {"reused_from": "cells/a/per_example/student.parquet"},  # its own cell's file: counted there
+    }
+    (tmp_path / "results.json").write_text(json.dumps(top))
+    wall = _wall(tmp_path, ["a"])
+    assert wall["reused"] == [{"model": "teacher", "from": "old/per_example/teacher.parquet", "seconds": 5000.0}]
+    assert wall["total_with_reused_s"] == wall["total_s"] + 5000.0 and wall["reused_s"] == 5000.0
+    top["teacher"]["reused_compute_s"] = 20000.0
+    (tmp_path / "results.json").write_text(json.dumps(top))
+    wall = _wall(tmp_path, ["a"])
+    assert wall["within_budget"] and not wall["within_budget_with_reused"]

@@ -157,6 +157,10 @@ class AblationRecipe:
             from ..ablation_report import budget_reference_dir
 
             budget_reference_dir(out, cfg.ablation.budget_reference)
+        if cfg.eval.reuse_teacher_scores:  # likewise: the final evaluation reads it hours from now
+            from .evaluate import reused_teacher_files
+
+            reused_teacher_files(cfg.eval.reuse_teacher_scores)
         if cfg.adapt.enabled and cfg.ablation.zero_shot_fisher:
             with counted(out, "fisher_zero_shot") as s:
                 s.reused = self._zero_shot_fisher_done()

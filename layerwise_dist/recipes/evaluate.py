@@ -12,11 +12,18 @@ every example under P seeded candidate orders and sums the scores. Every ranker 
 per-example ranks (all but the ``random`` expectation) is written to
 ``<output_dir>/per_example/<ranker>.parquet`` (:func:`~layerwise_dist.evaluation.write_per_example`);
 ``layerwise-dist compare A.parquet B.parquet`` gives the paired difference of two of them.
+
+``eval.reuse_teacher_scores=<run folder>``: the teachers' scores are read from that run's per-example
+files instead of computed again (each teacher takes ~15 minutes on 1,000 users on two CPU cores), when
+the file holds exactly these users and candidates and the teacher, loaded here anyway for its speed and
+memory, gives the file's scores on its first batch (a spot check; otherwise it is scored, with a warning).
+The reused file's compute, recorded there, is reported beside this run's (``reused_compute_s``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +75,14 @@ class EvaluateRecipe:
         self.student_dir = Path(student_dir) if student_dir is not None else None
         self.with_teacher = with_teacher
         self.reuse = {k: Path(v) for k, v in (reuse or {}).items()}
+        # Models whose reuse file was scored by another run: reused only if the model scores its first
+        # batch as the file says (``reuse`` entries from the caller name that model's own file: not checked).
+        self.spot_checked: dict[str, float | None] = {}
+        source = session.cfg.eval.reuse_teacher_scores
+        if source and with_teacher:
+            for name, path in reused_teacher_files(source).items():
+                self.reuse.setdefault(name, path)
+                self.spot_checked[name] = _source_seconds(Path(source), name)
         self.measure_cost = measure_cost
         self.results: dict[str, Any] = {}
         self.per_example: dict[str, Any] = {}
@@ -148,7 +163,8 @@ class EvaluateRecipe:
         # Every example exactly once (ranks may differ by one batch: replicated models, no collective forward).
         sampler = RankSampler.for_rank(len(data), cfg.batch_size, equal_batches=False)
         self.results["config"]["ranks"] = sampler.world_size
-        return [load_batch(data, indices, self.session.pad_token_id) for indices in sampler]
+        self.batch_indices = [list(indices) for indices in sampler]
+        return [load_batch(data, indices, self.session.pad_token_id) for indices in self.batch_indices]
 
     def _setup_models(self) -> list[tuple[str, Any]]:
         from ..models.teacher import load_teacher
@@ -188,7 +204,7 @@ class EvaluateRecipe:
         score = cfg.data.pointwise_score
         for name, load in self.models:
             model = load()
-            result = self._reused(name)
+            result = self._reused(name, model)
             if result is None:
                 t0 = time.perf_counter()
                 result = evaluate_per_example(model, self.batches, cfg.eval.ks, progress=True, pointwise_score=score)
@@ -209,8 +225,12 @@ class EvaluateRecipe:
         self.results["paired"] = self._paired()
         return self.results
 
-    def _reused(self, name: str) -> Any:
-        """``name``'s result from its ``reuse`` file when that file holds exactly these users and candidates."""
+    def _reused(self, name: str, model: Any = None) -> Any:
+        """``name``'s result from its ``reuse`` file when that file holds exactly these users and candidates
+        (and, for a file another run scored, when ``model`` gives its scores on the first batch).
+
+        Every rank decides alike (the rows are the same everywhere; the spot check's differences are summed
+        over ranks), so either all ranks read the file or all score the model."""
         from ..evaluation import read_per_example, result_from_scores
         from ..position_bias import position_bias
 
@@ -236,14 +256,56 @@ class EvaluateRecipe:
             theirs = [(u, t, list(c)) for u, t, c in theirs]
             if ours != theirs:
                 why = f"other users or candidates ({len(theirs)} rows against {len(ours)} examples here)"
+        check = None
+        if name in self.spot_checked:  # collective: every rank runs it, whatever its rows said
+            check = self._spot_check(model, table if not why else None)
+            if not why and check["max_abs_diff"] > SPOT_CHECK_ATOL:
+                why = (
+                    f"the model scores its first batch otherwise than the file (max |difference| "
+                    f"{check['max_abs_diff']:.3g} over {check['examples']} examples > {SPOT_CHECK_ATOL:g}): another model"
+                )
         if why:
             log.warning("%s: not reusing %s (%s); scoring it", name, path, why)
             return None
         cfg = self.cfg.eval
-        result = result_from_scores(table["scores"], table["target_index"], cfg.ks, extra={"reused_from": str(path)})
+        extra: dict[str, Any] = {"reused_from": str(path)}
+        if check is not None:
+            extra["reuse_check"] = check
+            extra["reused_compute_s"] = self.spot_checked[name]
+            log.info(
+                "%s: the model scores %d examples of its first batches as %s does (max |difference| %.3g)",
+                name,
+                check["examples"],
+                path,
+                check["max_abs_diff"],
+            )
+        result = result_from_scores(table["scores"], table["target_index"], cfg.ks, extra=extra)
         result.extra["position_bias"] = position_bias(result.scores)
         log.info("%s: quality read from %s (the same %d users and candidates, scored earlier)", name, path, len(ours))
         return result
+
+    def _spot_check(self, model: Any, table: dict[str, Any] | None) -> dict[str, Any]:
+        """The largest |score here - score in ``table``| over every rank's first batch (summed over ranks, so
+        every rank gets the same figure; ``inf`` when ``table`` is None on any rank or a rank has no batch)."""
+        import numpy as np
+        import torch
+
+        from ..distributed import all_reduce_sum
+        from ..evaluation import forward_scores
+
+        diff, count = float("inf"), 0
+        if table is not None and self.batches:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                here = forward_scores(model, self.batches[0], device(), self.cfg.data.pointwise_score).float().cpu()
+            model.train(was_training)
+            indices = self.batch_indices[0]
+            theirs = np.asarray([np.asarray(table["scores"][i], dtype=np.float32) for i in indices])
+            diff, count = float(np.abs(here.numpy() - theirs).max()), len(indices)
+        sums = all_reduce_sum(torch.tensor([min(diff, 1e30), float(count)], dtype=torch.float64))
+        total = float(sums[0])
+        return {"max_abs_diff": float("inf") if total >= 1e30 else total, "examples": int(sums[1])}
 
     def _debias(self, result: Any, seconds: float) -> Any:
         """Position bias of the scores as presented; with permutations, the summed scores' result."""
@@ -309,6 +371,36 @@ class EvaluateRecipe:
         self.results["per_example_files"] = files
         self.session.results.update(self.results)
         return self.results
+
+
+# Scores are fp32 mean log-probabilities (~ -1 to -10); the same model on other batch shapes or another CPU
+# differs by ~1e-6, another model (other weights, another adaptation) by far more than this.
+SPOT_CHECK_ATOL = 1e-4
+REUSABLE_TEACHERS = ("teacher", "teacher_zero_shot")
+
+
+def reused_teacher_files(source: str | Path) -> dict[str, Path]:
+    """``eval.reuse_teacher_scores``' per-example files of the teachers, by ranker name; a clear error when the
+    folder holds none (checked when a run starts, not when its last stage reaches it)."""
+    folder = Path(source) / "per_example"
+    files = {name: folder / f"{name}.parquet" for name in REUSABLE_TEACHERS}
+    found = {name: path for name, path in files.items() if path.is_file()}
+    if not found:
+        raise FileNotFoundError(
+            f"eval.reuse_teacher_scores={source}: no {' or '.join(p.name for p in files.values())} in {folder} "
+            "(a finished run's folder, whose evaluation wrote per_example/; empty to score the teachers here)"
+        )
+    return found
+
+
+def _source_seconds(source: Path, name: str) -> float | None:
+    """The seconds ``source`` spent scoring ``name`` (its results.json timings), when it recorded them."""
+    try:
+        timings = json.loads((source / "results.json").read_text()).get("timings") or {}
+    except (OSError, ValueError):
+        return None
+    seconds = timings.get(f"eval_{name}_s")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
 def _bias_line(bias: dict[str, Any]) -> str:
