@@ -428,7 +428,7 @@ def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
             builds.append({"cell": n, "seconds": float(seconds)})
     # Teacher scores read from another run (eval.reuse_teacher_scores): computed there, not in this ledger.
     reused = [
-        {"model": name, "from": r["reused_from"], "seconds": r.get("reused_compute_s")}
+        {"model": name, "from": r["reused_from"], "seconds": r.get("reused_compute_s"), "check": r["reuse_check"]}
         for name, r in ((n, top.get(n) or {}) for n in ("teacher_zero_shot", "teacher"))
         if r.get("reuse_check") is not None and r.get("reused_from")
     ]
@@ -589,6 +589,14 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
             f"{_fmt_ci(r.get('hr@10'), ci.get('hr@10'))} | {_fmt_ci(r.get('mrr'), ci.get('mrr'))} | {retained} |"
         )
     lines += _ties_note(data["rankers"])
+    for x in data["wall_s"].get("reused") or []:
+        check = x.get("check") or {}
+        lines += [
+            "",
+            f"{x['model']}: its scores are read from `{x['from']}` (an earlier run's, the same users and candidates), "
+            f"not computed again; loaded here for its speed and memory, it scored {check.get('examples', '?')} "
+            f"examples of its first batches as the file does (max |difference| {check.get('max_abs_diff', float('nan')):.2g}).",
+        ]
     teachers = data.get("cell_teachers") or {}
     if len(set(teachers.values())) > 1:
         groups: dict[str, list[str]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -580,9 +581,30 @@ def test_the_compute_report_names_teacher_scores_read_from_another_run(tmp_path)
     }
     (tmp_path / "results.json").write_text(json.dumps(top))
     wall = _wall(tmp_path, ["a"])
-    assert wall["reused"] == [{"model": "teacher", "from": "old/per_example/teacher.parquet", "seconds": 5000.0}]
+    assert wall["reused"] == [
+        {"model": "teacher", "from": "old/per_example/teacher.parquet", "seconds": 5000.0, "check": {}}
+    ]
     assert wall["total_with_reused_s"] == wall["total_s"] + 5000.0 and wall["reused_s"] == 5000.0
     top["teacher"]["reused_compute_s"] = 20000.0
     (tmp_path / "results.json").write_text(json.dumps(top))
     wall = _wall(tmp_path, ["a"])
     assert wall["within_budget"] and not wall["within_budget_with_reused"]
+    # Rendered: on a copy of the committed 100-step run, its adapted teacher marked as read from elsewhere.
+    import shutil
+
+    from layerwise_dist.ablation_report import write_ablation_report
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "results" / "experiment_100steps", run)
+    res = json.loads((run / "results.json").read_text())
+    res["teacher"].update(reused_from="x/per_example/teacher.parquet", reused_compute_s=856.0)
+    res["teacher"]["reuse_check"] = {"max_abs_diff": 0.0, "examples": 8}
+    (run / "results.json").write_text(json.dumps(res))
+    md = write_ablation_report(run)[0].read_text()
+    assert "teacher: its scores are read from `x/per_example/teacher.parquet`" in md
+    assert "8 examples of its first batches as the file does (max |difference| 0)" in md
+    total = _wall(run, sorted(p.name for p in (run / "cells").iterdir()))["total_s"]
+    assert (
+        f"a run from scratch takes {total + 856.0:,.0f} s" in md
+        and "(x/per_example/teacher.parquet, scored there in 856 s)" in md
+    )
