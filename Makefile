@@ -37,7 +37,7 @@ demo: venv
 
 test: venv slurm-deps
 	$(BIN)/ruff check layerwise_dist launchers tests benchmarks
-	$(BIN)/python -m pytest tests -m "not gpu and not slow" -q --durations=30
+	$(BIN)/python -m pytest tests -m "not gpu and not slow" -q --durations=60
 
 # The slurm tests (tests/test_slurm_scripts.py) start a one-node SLURM cluster: as root with apt-get,
 # install slurm-wlm and munge when missing. Never fails: without them the slurm tests skip and say why.

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .recipes.jobs import DESCRIPTIONS, JOBS
+from .commands import DESCRIPTIONS, job
 from .worker import add_run_arguments
 
 
@@ -69,7 +69,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
     from .ds_config import ds_config_path
     from .errors import KNOWN_ERRORS, one_line
     from .models.teacher import resolve_model_dir
-    from .recipes.distill import check_memory, check_student_choice
+    from .preflight import check_memory, check_student_choice
     from .worker import resolve, run_job
 
     try:
@@ -86,7 +86,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if _inside_launcher():
-        return run_job(JOBS[command], cfg)
+        return run_job(job(command), cfg)
     from .distributed import QUIET_ENV
     from .runlock import TOKEN_ENV, RunLock
 
@@ -100,7 +100,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
     try:
         os.environ[TOKEN_ENV] = lock.token  # the job's rank 0 recognises the lock as its own
         if nproc <= 1:
-            return run_job(JOBS[command], cfg)
+            return run_job(job(command), cfg)
         from .recipes.session import check_resume_config
 
         try:  # here, before the ranks' config.yaml replaces the earlier sitting's, which the check reads
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"layerwise_dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     keys = {"epilog": _keys_epilog(), "formatter_class": argparse.RawDescriptionHelpFormatter}
-    for name in JOBS:
+    for name in DESCRIPTIONS:
         p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], **keys)
         add_run_arguments(p)
         p.add_argument(
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *_evaluate_overrides(args)]
     if args.command == "plan":
         return _plan(args)
-    if args.command in JOBS:
+    if args.command in DESCRIPTIONS:
         return launch(args.command, args)
     if args.command == "data":
         from .data import run_prepare

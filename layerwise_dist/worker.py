@@ -14,8 +14,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from .commands import DESCRIPTIONS, job
 from .config import RunConfig, help_text, load_config
-from .recipes.jobs import DESCRIPTIONS, JOBS
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,11 +107,13 @@ def _print_summary(cfg: RunConfig, results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    if not argv or argv[0] not in JOBS:
-        print(f"usage: worker {{{','.join(JOBS)}}} [--preset P | --config FILE] [key=value ...]", file=sys.stderr)
+    if not argv or argv[0] not in DESCRIPTIONS:
+        print(
+            f"usage: worker {{{','.join(DESCRIPTIONS)}}} [--preset P | --config FILE] [key=value ...]", file=sys.stderr
+        )
         return 2
     command = argv[0]
-    return run_job(JOBS[command], lambda: config_from_argv(command, argv[1:]))
+    return run_job(job(command), lambda: config_from_argv(command, argv[1:]))
 
 
 if __name__ == "__main__":

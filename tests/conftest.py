@@ -43,6 +43,13 @@ def run_deepspeed(script: str, args: list[str], nproc: int = 2, timeout: int = 6
     return subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def shm_buffers(port: int) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm of a job on rendezvous port ``port`` (none after it ends)."""
+    import glob
+
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+
+
 def run_cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [str(VENV_BIN / "layerwise-dist"), *args]
     return subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)

@@ -18,6 +18,29 @@ def test_help(command):
     assert "--preset" in out.stdout and "--nproc" in out.stdout and "key=value" in out.stdout
 
 
+def test_the_command_line_parses_and_helps_without_importing_the_jobs():
+    """`layerwise-dist --help` and each command's help stay light (no torch, transformers, DeepSpeed, MLflow, Ray): the
+    jobs are imported to run one. Every job has its one-line help, every help line a job."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from layerwise_dist.commands import DESCRIPTIONS
+    from layerwise_dist.recipes.jobs import JOBS
+
+    assert set(DESCRIPTIONS) == set(JOBS)
+    heavy = ("torch", "transformers", "deepspeed", "mlflow", "ray", "peft", "bitsandbytes")
+    code = (
+        "import contextlib, io, sys\nfrom layerwise_dist.cli import main\n"
+        "for argv in (['--help'], ['distill', '--help'], ['ablation', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+
+
 def test_config_show_and_keys():
     out = run_cli(["config", "--preset", "tiny", "train.max_steps=9"], timeout=120)
     assert out.returncode == 0, out.stderr

@@ -166,7 +166,7 @@ def test_real_gemma3_270m_teacher_and_student(tmp_path):
     from layerwise_dist.config import load_config
     from layerwise_dist.models.student import StudentError, build_student
     from layerwise_dist.models.teacher import load_tokenizer
-    from layerwise_dist.recipes.distill import check_same_tokenizer
+    from layerwise_dist.preflight import check_same_tokenizer
 
     cfg = TeacherConfig(model="gemma3-270m", quantization="none", placement="replicate")
     folder = resolve_model_dir(cfg)

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from ..commands import DESCRIPTIONS  # noqa: F401 -- the jobs' one-line help, beside them
 from ..config import RunConfig
 from .adapt import AdaptRecipe
 from .distill import DistillRecipe
@@ -120,14 +121,4 @@ JOBS: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
     "distill": distill,
     "evaluate": evaluate,
     "pipeline": pipeline,
-}
-
-DESCRIPTIONS = {
-    "ablation": "students for every ablation.selections x ablation.weightings (and the task loss alone) from one "
-    "(adapted) teacher, same budget, each a nested run in output_dir/cells/; resumable cell by cell",
-    "adapt": "train LoRA adapters on the teacher (QLoRA on a 4-bit ZeRO-3 base): output_dir/adapt/adapter + merged/",
-    "fisher": "measure the layerwise Fisher profile of the teacher (JSON + PNG in output_dir)",
-    "distill": "build the student from teacher layers, distil it, save it and score it on the test split",
-    "evaluate": "score teacher and student (output_dir/student) on the test split: HR@K, NDCG@K, MRR, latency, memory",
-    "pipeline": "the whole job: (adapt.enabled: teacher adaptation,) Fisher profile, distillation, evaluation of teacher and student, report, MLflow run",
 }
