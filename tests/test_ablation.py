@@ -601,6 +601,18 @@ def test_the_compute_report_names_teacher_scores_read_from_another_run(tmp_path)
     res["teacher"]["reuse_check"] = {"max_abs_diff": 0.0, "examples": 8}
     (run / "results.json").write_text(json.dumps(res))
     md = write_ablation_report(run)[0].read_text()
+    # The goal counts every 8-layer student (there the task-loss-only one is the best); the headline and the paired
+    # questions name the best distilled cell.
+    measured = json.loads((run / "ablation.json").read_text())["headline"]["measured"]
+    assert (measured["best_student_cell"], measured["best_cell"]) == ("fisher-topk+task_only", "first+linear")
+    assert (
+        "(fisher-topk+task_only) | no |" in md
+        and "| quality retained (NDCG@10, best distilled cell first+linear) |" in md
+    )
+    assert (
+        "| value of distillation (best distilled cell vs task loss alone) | first+linear | fisher-topk+task_only |"
+        in md
+    )
     assert "teacher: its scores are read from `x/per_example/teacher.parquet`" in md
     assert "8 examples of its first batches as the file does (max |difference| 0)" in md
     total = _wall(run, sorted(p.name for p in (run / "cells").iterdir()))["total_s"]
