@@ -544,14 +544,16 @@ def goals(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     m = data["headline"]["measured"]
     # Any student counts, the task-loss-only one included (the goal is about the student, not the method);
     # runs recorded before best_student_cell existed fall back to the best distilled cell.
-    key = "_best_student" if m.get("retention_ndcg@10_best_student") is not None else "_best"
-    if m.get(f"retention_ndcg@10{key}") is not None:
-        cell = m["best_student_cell"] if key == "_best_student" else m["best_cell"]
+    if m.get("retention_ndcg@10_best_student") is not None:
+        value, ci, cell = m["retention_ndcg@10_best_student"], m["retention_ci95_best_student"], m["best_student_cell"]
+    else:
+        value, ci, cell = m.get("retention_ndcg@10_best"), m.get("retention_ci95_best"), m.get("best_cell")
+    if value is not None:
         out.append(
             {
                 "goal": f"the best {student} keeps at least 95% of {teacher}'s NDCG@10",
-                "measured": f"{_fmt_ci(m[f'retention_ndcg@10{key}'], m[f'retention_ci95{key}'], 3)} ({cell})",
-                "met": bool(m[f"retention_ndcg@10{key}"] >= 0.95),
+                "measured": f"{_fmt_ci(value, ci, 3)} ({cell})",
+                "met": bool(value >= 0.95),
             }
         )
     return out

@@ -30,7 +30,6 @@ from conftest import free_port, run_env
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo", "squeue", "scontrol", "scancel")
 NODE = "localhost"
-# The daemons live in /usr/sbin, which a non-login shell's PATH may lack.
 # The states a job ends in (squeue(1), JOB STATE CODES).
 ENDED = {
     "COMPLETED",
@@ -43,6 +42,7 @@ ENDED = {
     "BOOT_FAIL",
     "DEADLINE",
 }
+# The daemons live in /usr/sbin, which a non-login shell's PATH may lack.
 PATH = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
 
 
@@ -113,8 +113,8 @@ class SlurmCluster:
                 self.run("scancel", str(job_id), check=False)
                 raise AssertionError(f"job {job_id} still {job.get('JobState')} after {timeout} s\n{self.logs()}")
             time.sleep(0.25)
-        code, _, sig = job.get("ExitCode", "0:0").partition(":")
-        rc = int(code) or (128 + int(sig or 0) if int(sig or 0) else 0)
+        code, _, sig = job.get("ExitCode", "0:0").partition(":")  # exit status : signal
+        rc = int(code) or (128 + int(sig) if int(sig or 0) else 0)
         if rc == 0 and job["JobState"] != "COMPLETED":  # ended otherwise (cancelled, timed out): not a success
             rc = 1
         return job_id, rc, time.monotonic() - start
