@@ -67,7 +67,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
     the preset and overrides to parse again.
     """
     from .ds_config import ds_config_path
-    from .errors import KNOWN_ERRORS, one_line
+    from .errors import known_errors, one_line
     from .models.teacher import resolve_model_dir
     from .preflight import check_memory, check_student_choice
     from .worker import resolve, run_job
@@ -82,7 +82,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
         if command in ("distill", "pipeline", "ablation"):
             check_student_choice(cfg)  # before any rank starts and before the Fisher pass
             check_memory(cfg, nproc)  # the planner: stop now when the placement cannot fit
-    except KNOWN_ERRORS as e:  # ConfigError included
+    except known_errors() as e:  # ConfigError included
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if _inside_launcher():
@@ -92,7 +92,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
 
     try:  # before anything is written into output_dir: a second run must not touch the first one's files
         lock = RunLock(cfg.output_dir).acquire()
-    except KNOWN_ERRORS as e:
+    except known_errors() as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if not getattr(args, "verbose", False):
@@ -105,7 +105,7 @@ def launch(command: str, args: argparse.Namespace) -> int:
 
         try:  # here, before the ranks' config.yaml replaces the earlier sitting's, which the check reads
             check_resume_config(cfg)
-        except KNOWN_ERRORS as e:
+        except known_errors() as e:
             print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
         return _start_ranks(command, cfg, nproc, args)
@@ -584,7 +584,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from .errors import KNOWN_ERRORS, one_line
+    from .errors import known_errors, one_line
     from .planner import PlanError, plan, plan_to_dict, render_plan
 
     try:
@@ -608,7 +608,7 @@ def _plan(args: argparse.Namespace) -> int:
             ranks_per_node=args.ranks_per_node,
             name=name,
         )
-    except KNOWN_ERRORS + (PlanError,) as e:
+    except known_errors() + (PlanError,) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(render_plan(result, args.quantization), end="")
@@ -619,11 +619,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _one_line_errors(action: Any) -> int:
     """Run ``action()`` (which prints its own result): 0, or 2 with bad input as one line on stderr."""
-    from .errors import KNOWN_ERRORS, one_line
+    from .errors import known_errors, one_line
 
     try:
         action()
-    except KNOWN_ERRORS as e:
+    except known_errors() as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
@@ -653,7 +653,7 @@ def _recommend(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from .config import load_config
-    from .errors import KNOWN_ERRORS, one_line
+    from .errors import known_errors, one_line
     from .recommender import BaseRecommender
 
     try:
@@ -683,7 +683,7 @@ def _recommend(args: argparse.Namespace) -> int:
         print("# rank. item_id  score  source  title")
         for i, item in enumerate(items, 1):
             print(f"{i}. {item['item_id']}  {item['score']:.4f}  {item['source']}  {item['title']}")
-    except KNOWN_ERRORS + (KeyError, ValueError) as e:
+    except known_errors() + (KeyError, ValueError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -39,6 +39,40 @@ def test_the_command_line_parses_and_helps_without_importing_the_jobs():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+    # A bad command line is one line without the jobs either: --nproc needs torch (CUDA or not), nothing more.
+    code = (
+        "import sys\nfrom layerwise_dist.cli import main\n"
+        "rc = main(['distill', '--preset', 'tiny', '--nproc', '0'])\n"
+        f"print(rc, sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "2 ['torch']", (out.stdout, out.stderr[-2000:])
+    assert out.stderr.strip() == "error: ConfigError: --nproc must be at least 1; got 0", out.stderr[-2000:]
+
+
+def test_known_errors_match_only_what_was_imported_and_all_of_them_when_asked():
+    """except known_errors() names the bad-input classes of the modules already imported (an error of a module
+    never imported cannot be raised); KNOWN_ERRORS imports them all."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "from layerwise_dist import errors\nfrom layerwise_dist.config import ConfigError\n"
+        "light = {c.__name__ for c in errors.known_errors()}\n"
+        "full = {c.__name__ for c in errors.KNOWN_ERRORS}\n"
+        "print(sorted(light)); print(sorted(full - light))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    light, rest = out.stdout.strip().splitlines()
+    assert light == str(sorted(["ConfigError", "ExportError", "FileNotFoundError", "JSONDecodeError"])), out.stderr
+    assert rest == str(
+        sorted(
+            ["CacheError", "DataError", "LossInputError", "ModelLoadError", "PlanError", "RunLockedError",
+             "StoppedBySignal", "StudentError", "TrackingError", "TrainingDivergedError", "WeightingError"]
+        )
+    ), out.stderr[-2000:]  # fmt: skip
 
 
 def test_config_show_and_keys():
