@@ -169,6 +169,23 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float = 0.1):
     return fn
 
 
+def adamw(params: Sequence[torch.Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """torch's AdamW, fused into one kernel wherever torch has one for the parameters' devices.
+
+    CUDA, and CPU since torch 2.4: on one core the fused step over a 28M-element ZeRO partition (the
+    experiment's 8-layer student on two ranks) takes ~0.03 s against ~0.32 s for the per-op loop
+    (``benchmarks/bench_optimizer_step.py``), with the same values to float rounding. Parameters built on the
+    CPU and moved to the GPU by DeepSpeed get the GPU's fused kernel."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch: only CUDA had the fused kernel
+        supported = {"cuda"}
+    fused = all(p.is_floating_point() and p.device.type in supported for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused)
+
+
 class DistillationRunner:
     """Owns the student engine and the loop. Build with :meth:`setup`, run :meth:`train`."""
 
@@ -214,9 +231,7 @@ class DistillationRunner:
         optimizer = None
         scheduler = None
         if "optimizer" not in self.ds_config:
-            optimizer = torch.optim.AdamW(
-                params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), fused=torch.cuda.is_available()
-            )
+            optimizer = adamw(params, lr=t.lr, weight_decay=t.weight_decay)
         if "scheduler" not in self.ds_config:
             schedule = warmup_cosine(t.warmup_steps, t.max_steps)
             if optimizer is not None:

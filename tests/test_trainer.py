@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_deepspeed, run_env
-from layerwise_dist.trainer import warmup_cosine
+from layerwise_dist.trainer import adamw, warmup_cosine
 
 
 def test_warmup_cosine_shape():
@@ -23,6 +23,26 @@ def test_warmup_cosine_shape():
     decay = [fn(s) for s in range(4, 21)]
     assert decay == sorted(decay, reverse=True)
     assert fn(20) == pytest.approx(0.1) and fn(100) == pytest.approx(0.1)
+
+
+def test_the_optimizer_is_fused_on_the_cpu_and_steps_as_the_loop_does():
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(4096, generator=gen)
+    grads = [torch.randn(4096, generator=gen) * 1e-2 for _ in range(10)]
+    params = [torch.nn.Parameter(init.clone()) for _ in range(2)]
+    fused = adamw([params[0]], lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW([params[1]], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), fused=False)
+    assert fused.defaults["fused"] is ("cpu" in _get_fused_kernels_supported_devices())
+    for g in grads:
+        for p, opt in zip(params, (fused, loop)):
+            p.grad = g.clone()
+            opt.step()
+    assert not torch.equal(params[0], init)  # it moved, and ...
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)  # ... as the per-op loop moved
+    with torch.device("meta"):  # a device without the kernel gets the loop instead of an error
+        assert adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-3).defaults["fused"] is False
 
 
 def test_public_names_resolve():

@@ -169,13 +169,13 @@ class AdaptRecipe:
     def _setup_engine(self) -> Any:
         import deepspeed
 
-        from ..trainer import warmup_cosine
+        from ..trainer import adamw, warmup_cosine
 
         a, t = self.cfg.adapt, self.cfg.train
         params = trainable_parameters(self.model)
         optimizer = scheduler = None
         if "optimizer" not in self.ds_config:
-            optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+            optimizer = adamw(params, lr=a.lr, weight_decay=t.weight_decay)
         if "scheduler" not in self.ds_config:
             schedule = warmup_cosine(a.warmup_steps, a.max_steps)
             if optimizer is not None:
