@@ -30,12 +30,16 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(args.numel, generator=gen) * 1e-3
-    built = adamw([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    fused_here = bool(built.defaults.get("fused"))
+
+    def build(name: str, param: torch.nn.Parameter) -> torch.optim.Optimizer:
+        if name == "trainer":
+            return adamw([param], lr=1e-3, weight_decay=0.01)
+        return torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), fused=False)
+
     variants = {}
-    for name, fused in (("loop", False), ("trainer", fused_here)):
+    for name in ("loop", "trainer"):
         param = torch.nn.Parameter(torch.randn(args.numel, generator=gen))
-        opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, fused=fused)
+        opt = build(name, param)
 
         def step(param=param, opt=opt) -> None:
             param.grad = grad  # the same gradient each time; the step does not write it
@@ -48,9 +52,9 @@ def main() -> None:
     init = torch.randn(1_000_000, generator=gen)
     grads = [torch.randn(1_000_000, generator=gen) * 1e-3 for _ in range(args.steps)]
     ends = []
-    for fused in (False, fused_here):
+    for name in ("loop", "trainer"):
         param = torch.nn.Parameter(init.clone())
-        opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, fused=fused)
+        opt = build(name, param)
         for g in grads:
             param.grad = g.clone()
             opt.step()
@@ -60,7 +64,7 @@ def main() -> None:
         {
             "numel": args.numel,
             "reps": args.reps,
-            "trainer_optimizer_fused": fused_here,
+            "trainer_optimizer_fused": bool(opt.defaults.get("fused")),
             "median_s": med,
             "median_cpu_s": med_cpu,
             "ratio_loop_over_trainer": med["loop"] / med["trainer"],
