@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-import layerwise_dist.models.student as student_module
 from layerwise_dist.models.student import (
     StudentError,
     build_student,
@@ -221,7 +221,7 @@ def test_student_from_safetensors_equals_whole_teacher_path(tmp_path, input_ids,
         assert len(list(folder.glob("model-*.safetensors"))) > 3
     expected = _whole_teacher_student(folder, [1, 4])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(student_module.AutoModelForCausalLM, "from_pretrained", _refuse_whole_teacher)
+        mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse_whole_teacher)
         student, layer_map = build_student(folder, [1, 4])
     assert layer_map == [1, 4]
     _assert_same_student(student, expected)
@@ -239,7 +239,7 @@ def _refuse_whole_teacher(*args, **kwargs):
 def test_student_from_bf16_safetensors_upcasts_like_the_whole_teacher_path(tmp_path, monkeypatch):
     folder = _saved_teacher(tmp_path / "teacher", tied=False, dtype=torch.bfloat16)
     expected = _whole_teacher_student(folder, [0, 3])
-    monkeypatch.setattr(student_module.AutoModelForCausalLM, "from_pretrained", _refuse_whole_teacher)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse_whole_teacher)
     student, _ = build_student(folder, [0, 3])
     _assert_same_student(student, expected)
 
@@ -327,3 +327,24 @@ def test_student_construction_memory_is_of_the_student_not_the_teacher(tmp_path)
     assert measured["teacher"]["extra_mib"] > 0.5 * teacher_mib, measured
     # The student's own bytes, plus allocator and module-construction slack of a few MiB.
     assert measured["folder"]["extra_mib"] < 1.2 * student_mib + 4, (measured, teacher_mib)
+
+
+def test_the_saved_student_records_the_category_its_prompts_named_not_the_config_default():
+    """An llmrank or prepared folder names its own category (Video_Games); ``data.category`` keeps its default."""
+    import types
+
+    from transformers import AutoConfig
+
+    from layerwise_dist.config import load_config
+    from layerwise_dist.recipes.distill import DistillRecipe
+
+    cfg = load_config("tiny", ["student.selection=uniform"])
+    session = types.SimpleNamespace(cfg=cfg, splits=types.SimpleNamespace(category="Video_Games"))
+    recipe = DistillRecipe(session)
+    recipe.teacher_config = AutoConfig.from_pretrained(str(recipe._teacher_dir()))
+    student, _ = recipe._setup_student()
+    prompt = student.config.layerwise_dist["prompt"]
+    assert cfg.data.category == "All_Beauty" and prompt["category"] == "Video_Games"
+    assert {k: v for k, v in prompt.items() if k != "category"} == {
+        k: v for k, v in cfg.data.prompt_settings().items() if k != "category"
+    }

@@ -107,6 +107,9 @@ class DistillRecipe:
         # The saved student carries the prompt settings it was trained with: recommend and evaluate reuse them.
         info = dict(getattr(student.config, "layerwise_dist", None) or {})
         info["prompt"] = self.cfg.data.prompt_settings()
+        splits = getattr(self.session, "splits", None)
+        if splits is not None:  # the category the prompts named (from the data, e.g. an llmrank folder's)
+            info["prompt"]["category"] = splits.category
         student.config.layerwise_dist = info
         student.config.use_cache = False
         student.config._attn_implementation = select_attn_implementation(self.cfg.model_attn_implementation())
