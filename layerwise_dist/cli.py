@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -130,25 +129,33 @@ def rank_env(environ: Mapping[str, str], cpu: bool) -> dict[str, str]:
 
 
 def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -> int:
-    """The real deepspeed launcher on 127.0.0.1, every rank given the resolved config file."""
+    """DeepSpeed's per-node launcher (``deepspeed.launcher.launch``, what the ``deepspeed`` command runs on one
+    node) on 127.0.0.1, every rank given the resolved config file.
+
+    It is started directly, not through the ``deepspeed`` command: on one node that command only encodes the
+    node's devices and starts this same launcher, after importing all of DeepSpeed once more (5-6 s here).
+    """
+    import base64
+    import json
+
     from .distributed import QUIET_ENV, free_port
 
     resolved = Path(cfg.output_dir) / "config.yaml"
     cfg.save(resolved)
-    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     import torch
 
     env = rank_env(os.environ, cpu=not torch.cuda.is_available())
-    quiet = ["--quiet"] if env.get(QUIET_ENV) == "1" else []  # the launchers' own INFO lines
+    quiet = ["--quiet"] if env.get(QUIET_ENV) == "1" else []  # the launcher's own INFO lines
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
     cmd = [
-        deepspeed,
+        sys.executable,
+        "-u",
+        "-m",
+        "deepspeed.launcher.launch",
+        f"--world_info={world}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={args.master_port or free_port()}",
         *quiet,
-        "--num_gpus",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(args.master_port or free_port()),
         "--module",
         "layerwise_dist.worker",
         command,
@@ -169,9 +176,8 @@ def _run_launcher(cmd: list[str], env: dict[str, str]) -> int:
 
     SIGTERM/SIGINT here are forwarded to the ranks themselves (they stop at the next step
     boundary, checkpoint and exit 128 + signum; the launcher then exits by itself), not to
-    the launcher: ``deepspeed`` (runner.py) has no handler on one node and would die at
-    once, orphaning ``deepspeed.launcher.launch``, and ``launch.py`` SIGKILLs every rank
-    30 s after passing a signal on, whatever it is doing. After the timeout, or on a
+    the launcher: ``deepspeed.launcher.launch`` passes a signal on as SIGTERM and SIGKILLs
+    every rank 30 s later, whatever it is doing. After the timeout, or on a
     second signal, the group is SIGKILLed. Whatever is left in the group once the
     launcher exited is an orphan and is killed too. Returns the launcher's exit code, or
     128 + signum when a signal stopped the job.
@@ -228,16 +234,10 @@ def _signal_ranks(launcher_pid: int, signum: int) -> None:
     """Send ``signum`` to the ranks (the children of ``deepspeed.launcher.launch``); before they exist, to the group."""
     import psutil
 
-    ranks = []
     try:
-        for p in psutil.Process(launcher_pid).children(recursive=True):
-            try:
-                if "deepspeed.launcher.launch" in " ".join(p.cmdline()):
-                    ranks += p.children()
-            except psutil.Error:
-                continue
+        ranks = psutil.Process(launcher_pid).children()
     except psutil.Error:
-        pass
+        ranks = []
     if not ranks:  # still starting: nothing to checkpoint yet, the launcher passes it on
         _kill_group(launcher_pid, signum)
         return

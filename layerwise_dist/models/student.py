@@ -22,10 +22,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig
 
 from ..config import Selection
 from ..distributed import get_logger
+
+# transformers' model classes (modeling_utils, ~3 s to import) are imported where a model is built, so the
+# layer-choice checks (select_layers, validate_layer_map) run before any rank starts without them.
+if typing.TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = get_logger()
 
@@ -297,6 +302,8 @@ def build_student(
     know. (GGUF teachers reach this function as the safetensors folder :mod:`.teacher` converts them to.)
     Both paths give bit-identical students.
     """
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
     layer_map = [int(t) for t in layers]
     if isinstance(source, (str, Path)):
         name = teacher_name or str(source)
@@ -473,6 +480,8 @@ def _build_from_safetensors(folder: Path, layer_map: list[int], name: str) -> tu
     files = safetensors_files(folder)
     if files is None:
         raise _NotReadableByTensor("no safetensors weights in the folder")
+    from transformers import AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(str(folder))
     if getattr(config, "quantization_config", None):
         raise _NotReadableByTensor("a quantized checkpoint")
@@ -546,6 +555,8 @@ def load_layer_map(
 ) -> list[int]:
     """The student -> teacher layer map: ``override`` (``student.layer_map``) if non-empty, else the one
     stored by :func:`build_student`; checked against the student depth and, if given, the teacher's."""
+    from transformers import PreTrainedModel
+
     if isinstance(model_or_dir, PreTrainedModel):
         config = model_or_dir.config
     elif isinstance(model_or_dir, PretrainedConfig):

@@ -140,6 +140,8 @@ def convert_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
 def build_tiny(cfg: TeacherConfig, out: Path, arch: str = "llama") -> Path:
     """A random model (``arch``: llama, gemma3, qwen2, qwen3) of cfg.tiny_layers layers with the SmolLM2
     tokenizer, saved as a folder."""
+    if (out / "config.json").exists():  # built before (the folder appears whole, by a rename): no model import
+        return out
     from transformers import AutoTokenizer
 
     from .tiny import tiny_model
