@@ -329,8 +329,7 @@ def test_student_construction_memory_is_of_the_student_not_the_teacher(tmp_path)
     assert measured["folder"]["extra_mib"] < 1.2 * student_mib + 4, (measured, teacher_mib)
 
 
-def test_the_saved_student_records_the_category_its_prompts_named_not_the_config_default():
-    """An llmrank or prepared folder names its own category (Video_Games); ``data.category`` keeps its default."""
+def _recorded_prompt(overrides: list[str], data_category: str) -> tuple[dict, object]:
     import types
 
     from transformers import AutoConfig
@@ -338,13 +337,24 @@ def test_the_saved_student_records_the_category_its_prompts_named_not_the_config
     from layerwise_dist.config import load_config
     from layerwise_dist.recipes.distill import DistillRecipe
 
-    cfg = load_config("tiny", ["student.selection=uniform"])
-    session = types.SimpleNamespace(cfg=cfg, splits=types.SimpleNamespace(category="Video_Games"))
+    cfg = load_config("tiny", ["student.selection=uniform", *overrides])
+    session = types.SimpleNamespace(cfg=cfg, splits=types.SimpleNamespace(category=data_category))
     recipe = DistillRecipe(session)
     recipe.teacher_config = AutoConfig.from_pretrained(str(recipe._teacher_dir()))
     student, _ = recipe._setup_student()
-    prompt = student.config.layerwise_dist["prompt"]
+    return student.config.layerwise_dist["prompt"], cfg
+
+
+def test_the_saved_student_records_the_category_its_prompts_named_not_the_config_default(tmp_path):
+    """An llmrank folder names its own category (Video_Games); ``data.category`` keeps its default."""
+    prompt, cfg = _recorded_prompt(["data.source=llmrank", f"data.reviews={tmp_path}"], "Video_Games")
     assert cfg.data.category == "All_Beauty" and prompt["category"] == "Video_Games"
     assert {k: v for k, v in prompt.items() if k != "category"} == {
         k: v for k, v in cfg.data.prompt_settings().items() if k != "category"
     }
+    # An amazon2023 folder: data.category picked the file (MyShop.jsonl), so it is what a reload needs, even
+    # when the items' main_category named the data otherwise.
+    prompt, _ = _recorded_prompt(
+        ["data.source=amazon2023", f"data.reviews={tmp_path}", "data.category=MyShop"], "Beauty"
+    )
+    assert prompt["category"] == "MyShop"

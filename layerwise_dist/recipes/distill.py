@@ -55,6 +55,14 @@ def teacher_identity(t: Any) -> str:
     return identity
 
 
+def _category_finds_files(data: Any) -> bool:
+    """Whether ``data.category`` picks the files read (an amazon2023 or benchmark_csv folder): a saved student
+    then records it as given, so that reloading its settings finds the same file, whatever category the
+    file's items turned out to name. Elsewhere (embedded, llmrank, prepared, a single file) it records the
+    category the data named, which is what its prompts said."""
+    return data.source in ("amazon2023", "benchmark_csv") and Path(data.reviews).is_dir()
+
+
 class DistillRecipe:
     """``setup`` (profile, student, layer weights, loss, engine) -> ``train`` -> ``save``."""
 
@@ -108,8 +116,8 @@ class DistillRecipe:
         info = dict(getattr(student.config, "layerwise_dist", None) or {})
         info["prompt"] = self.cfg.data.prompt_settings()
         splits = getattr(self.session, "splits", None)
-        if splits is not None:  # the category the prompts named (from the data, e.g. an llmrank folder's)
-            info["prompt"]["category"] = splits.category
+        if splits is not None and not _category_finds_files(self.cfg.data):
+            info["prompt"]["category"] = splits.category  # the category the prompts named (e.g. an llmrank folder's)
         student.config.layerwise_dist = info
         student.config.use_cache = False
         student.config._attn_implementation = select_attn_implementation(self.cfg.model_attn_implementation())
