@@ -587,6 +587,7 @@ def _run(
     progress: bool,
     pointwise_score: str,
     keep: bool,
+    positions: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, list]]:
     device = torch.device(device) if device is not None else model_device(model)
     was_training = getattr(model, "training", False)
@@ -612,6 +613,11 @@ def _run(
         bar.close()
         if was_training:
             model.train()
+    if keep and positions is not None:  # batches regrouped (by length): this rank's examples back in order
+        if len(positions) != len(local["ranks"]):
+            raise ValueError(f"positions gives {len(positions)} indices for {len(local['ranks'])} scored examples")
+        back = sorted(range(len(positions)), key=lambda j: positions[j])
+        local = {key: [values[j] for j in back] for key, values in local.items()}
     # One all-reduce of sums for the averages: the metrics are means, so summing
     # numerators and the count over ranks gives them exactly.
     distributed.all_reduce_sum(sums)
@@ -663,6 +669,7 @@ def evaluate_per_example(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    positions: Sequence[int] | None = None,
 ) -> EvalResult:
     """:func:`evaluate_model` plus every example's rank and scores and a bootstrap interval per metric.
 
@@ -673,9 +680,13 @@ def evaluate_per_example(
     :class:`~layerwise_dist.data.sampler.RankSampler` (``equal_batches=False``, no
     shuffle) that is dataset order. The intervals are computed from the gathered
     values, with the same seed on every rank, so every rank returns the same result.
+
+    ``positions``: each scored example's index in the dataset, in the order ``batches`` hold them (flattened),
+    for batches regrouped by :func:`~layerwise_dist.data.sampler.length_sorted`; each rank's results are
+    then put back in ascending index order before the gather, so the order is the dataset's as above.
     """
     ks = _check_ks(ks)
-    sums, gathered = _run(model, batches, ks, device, progress, pointwise_score, keep=True)
+    sums, gathered = _run(model, batches, ks, device, progress, pointwise_score, keep=True, positions=positions)
     metrics = _metrics_from_sums(sums, ks)
     ranks = np.asarray(gathered["ranks"], dtype=np.int64)
     values = per_example_metrics(ranks, ks)

@@ -38,7 +38,7 @@ from torch import nn
 from .checkpoint import CheckpointStore, TrainState
 from .config import ConfigError, RunConfig
 from .data.errors import DataError
-from .data.sampler import RankSampler, load_batch
+from .data.sampler import RankSampler, length_sorted, load_batch
 from .distributed import all_reduce_sum, get_logger, is_main, world_size
 from .export import export_student
 from .tracking import NullTracker
@@ -488,9 +488,10 @@ class DistillationRunner:
             for k, v in {"total": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         metrics = self._mean_over_ranks({k: v / len(batches) for k, v in sums.items()})
-        # The student's own ranking of the validation users (a learning curve that says when quality plateaus).
-        if ranked is not batches:
-            loaded = [load_batch(self.valid_data, indices, self.pad_token_id, self.engine.device) for indices in ranked]
+        # The student's own ranking of the validation users (a learning curve that says when quality plateaus),
+        # on the same users regrouped longest first (less padding; as many batches per rank), ranks in order.
+        ranked = length_sorted(ranked, self.valid_data)
+        loaded = [load_batch(self.valid_data, indices, self.pad_token_id, self.engine.device) for indices in ranked]
         result = evaluate_per_example(
             self.module.student,
             loaded,
@@ -498,6 +499,7 @@ class DistillationRunner:
             progress=False,
             pointwise_score=self.cfg.data.pointwise_score,
             n_boot=100,  # the intervals are not used here; the report pairs the points' ranks
+            positions=[i for indices in ranked for i in indices],
         )
         metrics.update({k: float(result.metrics[k]) for k in ("ndcg@10", "hr@10", "mrr")})
         if is_main():  # each validation user's target rank: the curve's points compared user by user

@@ -234,3 +234,40 @@ def test_evaluate_pointwise_equals_separate_ranking(tokenizer, model, tmp_path: 
             n + len(r["unconditional_ids"]) + sum(len(c) for c in r["candidate_ids"]) for n, r in zip(lengths, ds)
         ]
     assert result.extra["tokens_per_example_mean"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_length_sorted_batches_score_every_example_alike_and_pad_less(tokenizer, model, tmp_path: Path):
+    """Batches regrouped longest first: the same examples in batches of the same sizes, less padding, and with
+    ``positions`` the per-example results come back in dataset order, equal to the in-order batches'."""
+    from layerwise_dist.data.sampler import example_length, length_sorted, load_batch
+
+    examples = make_examples(10)
+    ds = tokenize_examples(examples, tokenizer, CFG, cache_dir=tmp_path)
+    in_order = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    regrouped = length_sorted(in_order, ds)
+    assert [len(b) for b in regrouped] == [3, 3, 3, 1]
+    assert sorted(i for b in regrouped for i in b) == list(range(10))
+    lengths = [example_length(ds[i]) for b in regrouped for i in b]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 3
+
+    def padded_tokens(batches):  # every row padded to its batch's longest
+        return sum(len(b) * max(example_length(ds[i]) for i in b) for b in batches)
+
+    assert padded_tokens(regrouped) < padded_tokens(in_order)
+    kw = {"ks": [1, 2], "progress": False, "n_boot": 50}
+    pad = tokenizer.pad_token_id
+    plain = evaluate_per_example(model, [load_batch(ds, b, pad) for b in in_order], **kw)
+    positions = [i for b in regrouped for i in b]
+    assert positions != list(range(10))
+    sorted_result = evaluate_per_example(model, [load_batch(ds, b, pad) for b in regrouped], positions=positions, **kw)
+    assert sorted_result.ranks.tolist() == plain.ranks.tolist()
+    assert sorted_result.target_index.tolist() == plain.target_index.tolist() == ds["target_index"]
+    torch.testing.assert_close(
+        torch.from_numpy(sorted_result.scores), torch.from_numpy(plain.scores), atol=ATOL, rtol=0
+    )
+    assert sorted_result.metrics == pytest.approx(plain.metrics, abs=1e-12)
+    # Without positions the results would be in batch order: not the dataset's.
+    unordered = evaluate_per_example(model, [load_batch(ds, b, pad) for b in regrouped], **kw)
+    assert unordered.target_index.tolist() == [ds["target_index"][i] for i in positions]
+    with pytest.raises(ValueError, match="positions gives 9 indices for 10 scored examples"):
+        evaluate_per_example(model, [load_batch(ds, b, pad) for b in regrouped], positions=positions[:9], **kw)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data.sampler import RankSampler, load_batch
+from ..data.sampler import RankSampler, length_sorted, load_batch
 from ..distributed import device, get_logger
 from .session import RunSession
 
@@ -143,6 +143,7 @@ class EvaluateRecipe:
         cfg = self.cfg.eval
         self.examples = self._rank_examples()
         self.orders = None
+        self.timed_batches: list[dict[str, Any]] = []
         scored = self.examples
         if cfg.permutations > 1:
             scored, self.orders = permute_examples(self.examples, cfg.permutations, self.cfg.data.seed)
@@ -163,7 +164,13 @@ class EvaluateRecipe:
         # Every example exactly once (ranks may differ by one batch: replicated models, no collective forward).
         sampler = RankSampler.for_rank(len(data), cfg.batch_size, equal_batches=False)
         self.results["config"]["ranks"] = sampler.world_size
-        self.batch_indices = [list(indices) for indices in sampler]
+        in_order = [list(indices) for indices in sampler]
+        # Latency is timed on the first batches in dataset order (lengths as they come); quality is scored
+        # on the same examples regrouped longest first (less padding), its results put back in order.
+        self.timed_batches = [
+            load_batch(data, ix, self.session.pad_token_id) for ix in in_order[: cfg.latency_batches + 1]
+        ]
+        self.batch_indices = length_sorted(in_order, data)
         return [load_batch(data, indices, self.session.pad_token_id) for indices in self.batch_indices]
 
     def _setup_models(self) -> list[tuple[str, Any]]:
@@ -199,7 +206,7 @@ class EvaluateRecipe:
 
         cfg, session = self.cfg, self.session
         self._run_baselines()
-        timed = self.batches[: cfg.eval.latency_batches + 1]  # one warm-up batch, then the timed ones
+        timed = self.timed_batches  # one warm-up batch, then the timed ones
         warmup = 1 if len(timed) > 1 else 0
         score = cfg.data.pointwise_score
         for name, load in self.models:
@@ -207,7 +214,10 @@ class EvaluateRecipe:
             result = self._reused(name, model)
             if result is None:
                 t0 = time.perf_counter()
-                result = evaluate_per_example(model, self.batches, cfg.eval.ks, progress=True, pointwise_score=score)
+                positions = [i for indices in self.batch_indices for i in indices]
+                result = evaluate_per_example(
+                    model, self.batches, cfg.eval.ks, progress=True, pointwise_score=score, positions=positions
+                )
                 session.timings[f"eval_{name}_s"] = time.perf_counter() - t0
                 result = self._debias(result, session.timings[f"eval_{name}_s"])
             cost = measure_cost(model, timed, warmup=warmup, pointwise_score=score) if self.measure_cost else {}
