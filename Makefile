@@ -95,6 +95,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_data_reader.py --sizes 100000 --json-out $(BENCH_OUT)/data_reader.json
 	$(BIN)/python benchmarks/bench_pointwise.py --reps 3 --json-out $(BENCH_OUT)/pointwise.json
 	$(BIN)/python benchmarks/bench_optimizer_step.py --reps 5 --json-out $(BENCH_OUT)/optimizer_step.json
+	$(BIN)/python benchmarks/bench_eval_length_sorted.py --reps 2 --json-out $(BENCH_OUT)/eval_length_sorted.json
 	$(BIN)/python scripts/perf_table.py --results $(BENCH_OUT)
 
 # The GPU check (issue 16): scripts/gpu_check.py, one JSON + log in results/gpu_check/ (within 8 minutes on

@@ -5,7 +5,8 @@ the learning curve use) against batches in dataset order, on the experiment's te
         [--model results/experiment/cells/fisher-topk+fisher/student] [--reviews <llmrank folder>]
 
 The users and candidates are those of ``--preset`` (default ``experiment``: 1,000 Video_Games test users, 20
-candidates, pointwise). Prints JSON with the padding share of every batch of each rank (``--ranks`` shares, as
+candidates, pointwise); without ``../shared/data`` (a fresh clone), the ``default`` preset's embedded
+All_Beauty users. The model: the experiment's first student when it is there, else SmolLM2-135M. Prints JSON with the padding share of every batch of each rank (``--ranks`` shares, as
 the evaluation's sampler cuts them) in both orders, and, for the first ``--examples`` examples of rank 0's
 share, the median seconds to score them in both orders (interleaved), their ratio, and whether the two give
 the same ranks (scores differ by float rounding only: another padding, the same model).
@@ -27,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="experiment")
     parser.add_argument("--reviews", default=str(REPO.parent / "shared" / "data" / "amazon2018_video_games_llmrank"))
-    parser.add_argument("--model", default=str(REPO / "results/experiment/cells/fisher-topk+fisher/student"))
+    parser.add_argument("--model", default="", help="a model folder (default: see the module doc)")
     parser.add_argument("--examples", type=int, default=64, help="examples timed (the first of rank 0's share)")
     parser.add_argument("--batch-size", type=int, default=0, help="default: the preset's eval.batch_size")
     parser.add_argument("--ranks", type=int, default=2)
@@ -37,16 +38,23 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layerwise_dist.config import load_config
+    from layerwise_dist.config import TeacherConfig, load_config
     from layerwise_dist.data import build_examples, load_splits, tokenize_examples
     from layerwise_dist.data.sampler import RankSampler, example_length, length_sorted, load_batch
     from layerwise_dist.evaluation import evaluate_per_example
+    from layerwise_dist.models.teacher import resolve_model_dir
 
-    if not Path(args.model, "config.json").is_file():
-        raise SystemExit(f"--model {args.model}: no model folder (run `make experiment`, or name another student)")
-    cfg = load_config(args.preset, [f"data.reviews={args.reviews}"])
+    model_dir = args.model or str(REPO / "results/experiment/cells/fisher-topk+fisher/student")
+    if not Path(model_dir, "config.json").is_file():
+        if args.model:
+            raise SystemExit(f"--model {args.model}: no model folder")
+        model_dir = str(resolve_model_dir(TeacherConfig(model="smollm2-135m")))
+    if Path(args.reviews).exists():
+        cfg = load_config(args.preset, [f"data.reviews={args.reviews}"])
+    else:
+        cfg = load_config("default")
     batch_size = args.batch_size or cfg.eval.batch_size
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     splits = load_splits(cfg.data)
     examples = build_examples(splits, "test", cfg.data, tokenizer)
     n = cfg.eval.max_examples  # the session's seeded sample of the test users (RunSession.rank_examples)
@@ -70,7 +78,7 @@ def main() -> None:
     first = [i for b in shares[0] for i in b][: args.examples]
     timed_in_order = [first[i : i + batch_size] for i in range(0, len(first), batch_size)]
     timed_sorted = length_sorted(timed_in_order, data)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     score = cfg.data.pointwise_score
     loaded = {
         "in_order": [load_batch(data, b, pad) for b in timed_in_order],
@@ -93,8 +101,8 @@ def main() -> None:
     a, b = results["in_order"], results["length_sorted"]
     emit(
         {
-            "preset": args.preset,
-            "model": str(args.model),
+            "data": f"{splits.category} ({cfg.data.source})",
+            "model": model_dir,
             "users": len(data),
             "batch_size": batch_size,
             "ranks": args.ranks,
@@ -105,6 +113,7 @@ def main() -> None:
             "median_s": med,
             "median_cpu_s": med_cpu,
             "ratio_in_order_over_length_sorted": med["in_order"] / med["length_sorted"],
+            "ratio_in_order_over_length_sorted_cpu_time": med_cpu["in_order"] / med_cpu["length_sorted"],
             "same_ranks": a.ranks.tolist() == b.ranks.tolist(),
             "max_abs_score_difference": float(abs(a.scores - b.scores).max()),
             "reps": args.reps,

@@ -128,40 +128,56 @@ def rank_env(environ: Mapping[str, str], cpu: bool) -> dict[str, str]:
     return env
 
 
-def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -> int:
-    """DeepSpeed's per-node launcher (``deepspeed.launcher.launch``, what the ``deepspeed`` command runs on one
-    node) on 127.0.0.1, every rank given the resolved config file.
+def launch_devices(nproc: int, environ: Mapping[str, str], gpu: bool) -> list[int | str]:
+    """The device ids the ranks get: on GPU the first ``nproc`` of ``CUDA_VISIBLE_DEVICES`` when it names
+    that many (a SLURM job's or a user's choice; DeepSpeed's launcher sets the ranks' ``CUDA_VISIBLE_DEVICES``
+    to these ids, and ``deepspeed --num_gpus N`` would give 0..N-1 whatever was visible), else 0..nproc-1."""
+    visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if gpu and len(visible) >= nproc:
+        return [int(d) if d.isdigit() else d for d in visible[:nproc]]
+    return list(range(nproc))
+
+
+def launch_command(command: str, config: Path, nproc: int, port: int, quiet: bool, devices: list) -> list[str]:
+    """DeepSpeed's per-node launcher (``deepspeed.launcher.launch``: what the ``deepspeed`` command runs on
+    one node) on 127.0.0.1 for ``nproc`` ranks of ``layerwise_dist.worker``, each given ``config``.
 
     It is started directly, not through the ``deepspeed`` command: on one node that command only encodes the
-    node's devices and starts this same launcher, after importing all of DeepSpeed once more (5-6 s here).
-    """
+    node's devices (``--world_info``) and starts this same launcher, after importing all of DeepSpeed once
+    more (5-6 s here)."""
     import base64
     import json
 
-    from .distributed import QUIET_ENV, free_port
-
-    resolved = Path(cfg.output_dir) / "config.yaml"
-    cfg.save(resolved)
-    import torch
-
-    env = rank_env(os.environ, cpu=not torch.cuda.is_available())
-    quiet = ["--quiet"] if env.get(QUIET_ENV) == "1" else []  # the launcher's own INFO lines
-    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
-    cmd = [
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(devices)}).encode()).decode()
+    return [
         sys.executable,
         "-u",
         "-m",
         "deepspeed.launcher.launch",
         f"--world_info={world}",
         "--master_addr=127.0.0.1",
-        f"--master_port={args.master_port or free_port()}",
-        *quiet,
+        f"--master_port={port}",
+        *(["--quiet"] if quiet else []),  # the launcher's own INFO lines
         "--module",
         "layerwise_dist.worker",
         command,
         "--config",
-        str(resolved),
+        str(config),
     ]
+
+
+def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -> int:
+    """The ranks through DeepSpeed's launcher (:func:`launch_command`), every one given the resolved config."""
+    from .distributed import QUIET_ENV, free_port
+
+    resolved = Path(cfg.output_dir) / "config.yaml"
+    cfg.save(resolved)
+    import torch
+
+    gpu = torch.cuda.is_available()
+    env = rank_env(os.environ, cpu=not gpu)
+    devices = launch_devices(nproc, os.environ, gpu)
+    cmd = launch_command(command, resolved, nproc, args.master_port or free_port(), env.get(QUIET_ENV) == "1", devices)
     print("launching:", " ".join(cmd), flush=True)
     return _run_launcher(cmd, env)
 

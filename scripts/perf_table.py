@@ -164,6 +164,21 @@ def optimizer_step(r: dict) -> tuple[str, str, str]:
     return what, measured, f">= 2x: {_met(ratio >= 2)}"
 
 
+def eval_length_sorted(r: dict) -> tuple[str, str, str]:
+    pad, timed = r["padding_share_all_batches"], r["padding_share_timed"]
+    what = (
+        f"scoring with each rank's batches regrouped longest first vs in dataset order: {r['users']} {r['data']} "
+        f"users, batches of {r['batch_size']} over {r['ranks']} ranks; {r['timed_examples']} of them timed"
+    )
+    ratio, text = _speedup(r, "ratio_in_order_over_length_sorted")
+    measured = (
+        f"padding {pad['in_order']:.1%} -> {pad['length_sorted']:.1%} of the batches' tokens; timed examples "
+        f"{text} ({timed['in_order']:.1%} -> {timed['length_sorted']:.1%} padding); same ranks: "
+        f"{'yes' if r['same_ranks'] else 'NO'} (scores within {r['max_abs_score_difference']:.1e})"
+    )
+    return what, measured, f"same ranks, faster: {_met(r['same_ranks'] and ratio > 1)}"
+
+
 #: Benchmarks in table order: result file stem -> renderer (what it compares, measured, goal).
 RENDERERS: dict[str, Callable[[dict], tuple[str, str, str]]] = {
     "scoring": scoring,
@@ -175,6 +190,7 @@ RENDERERS: dict[str, Callable[[dict], tuple[str, str, str]]] = {
     "data_reader": data_reader,
     "pointwise": pointwise,
     "optimizer_step": optimizer_step,
+    "eval_length_sorted": eval_length_sorted,
 }
 
 

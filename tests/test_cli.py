@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -160,6 +161,31 @@ def test_cpu_ranks_get_one_thread_and_heap_only_allocation_unless_set():
         env["MKL_NUM_THREADS"] == "1" and env["MALLOC_TRIM_THRESHOLD_"] == CPU_ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]
     )
     assert rank_env({"PATH": "/bin"}, cpu=False) == {"PATH": "/bin"}  # GPU ranks: nothing added
+
+
+def test_ranks_get_the_visible_gpus_through_deepspeeds_launcher():
+    """--nproc N on GPU: the first N ids of CUDA_VISIBLE_DEVICES (a SLURM job's GPUs), not 0..N-1; DeepSpeed's
+    launcher turns the world info into each rank's CUDA_VISIBLE_DEVICES (its CUDA accelerator's own code)."""
+    import base64
+    import json
+
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    from layerwise_dist.cli import launch_command, launch_devices
+
+    assert launch_devices(2, {"CUDA_VISIBLE_DEVICES": "2,3,5"}, gpu=True) == [2, 3]
+    assert launch_devices(1, {"CUDA_VISIBLE_DEVICES": "GPU-1a2b, 4"}, gpu=True) == ["GPU-1a2b"]
+    assert launch_devices(2, {}, gpu=True) == [0, 1]
+    assert launch_devices(2, {"CUDA_VISIBLE_DEVICES": "3"}, gpu=True) == [0, 1]  # too few named: DeepSpeed's rule
+    assert launch_devices(2, {"CUDA_VISIBLE_DEVICES": "2,3"}, gpu=False) == [0, 1]  # CPU ranks: ids only count
+    cmd = launch_command("distill", Path("/r/config.yaml"), 2, 29500, True, [2, 3])
+    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and "--quiet" in cmd
+    assert cmd[-5:] == ["--module", "layerwise_dist.worker", "distill", "--config", "/r/config.yaml"]
+    world = json.loads(base64.urlsafe_b64decode(next(a for a in cmd if a.startswith("--world_info=")).split("=", 1)[1]))
+    assert world == {"localhost": [2, 3]} and "--master_port=29500" in cmd
+    env: dict[str, str] = {}
+    CUDA_Accelerator().set_visible_devices_envs(env, world["localhost"])  # what launch.py does with them
+    assert env == {"CUDA_VISIBLE_DEVICES": "2,3"}
 
 
 def test_heap_only_allocation_stops_the_page_faults_of_big_tensors():
