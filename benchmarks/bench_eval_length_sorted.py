@@ -15,7 +15,6 @@ the same ranks (scores differ by float rounding only: another padding, the same 
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="experiment")
-    parser.add_argument("--reviews", default=str(REPO.parent / "shared" / "data" / "amazon2018_video_games_llmrank"))
+    parser.add_argument("--reviews", default="", help="the preset's data folder (default: ../shared's Video_Games)")
     parser.add_argument("--model", default="", help="a model folder (default: see the module doc)")
     parser.add_argument("--examples", type=int, default=64, help="examples timed (the first of rank 0's share)")
     parser.add_argument("--batch-size", type=int, default=0, help="default: the preset's eval.batch_size")
@@ -38,8 +37,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from layerwise_dist.compare import eval_examples
     from layerwise_dist.config import TeacherConfig, load_config
-    from layerwise_dist.data import build_examples, load_splits, tokenize_examples
+    from layerwise_dist.data import load_splits, tokenize_examples
     from layerwise_dist.data.sampler import RankSampler, example_length, length_sorted, load_batch
     from layerwise_dist.evaluation import evaluate_per_example
     from layerwise_dist.models.teacher import resolve_model_dir
@@ -49,17 +49,17 @@ def main() -> None:
         if args.model:
             raise SystemExit(f"--model {args.model}: no model folder")
         model_dir = str(resolve_model_dir(TeacherConfig(model="smollm2-135m")))
-    if Path(args.reviews).exists():
-        cfg = load_config(args.preset, [f"data.reviews={args.reviews}"])
-    else:
+    reviews = args.reviews or str(REPO.parent / "shared" / "data" / "amazon2018_video_games_llmrank")
+    if Path(reviews).exists():
+        cfg = load_config(args.preset, [f"data.reviews={reviews}"])
+    elif args.reviews:
+        raise SystemExit(f"--reviews {args.reviews}: no such file or folder")
+    else:  # a fresh clone without ../shared: the embedded users
         cfg = load_config("default")
     batch_size = args.batch_size or cfg.eval.batch_size
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     splits = load_splits(cfg.data)
-    examples = build_examples(splits, "test", cfg.data, tokenizer)
-    n = cfg.eval.max_examples  # the session's seeded sample of the test users (RunSession.rank_examples)
-    if n and n < len(examples):
-        examples = [examples[i] for i in sorted(random.Random(cfg.data.seed).sample(range(len(examples)), n))]
+    examples = eval_examples(splits, cfg, tokenizer, "test")  # the run's seeded sample of the test users
     data = tokenize_examples(examples, tokenizer, cfg.data, cache_dir=cfg.data.cache_dir or None)
     lengths = [example_length(data[i]) for i in range(len(data))]
 

@@ -2,8 +2,8 @@
 
 Run commands (``fisher``, ``distill``, ``evaluate``, ``pipeline``) take
 ``--preset``, ``--ds_config``, ``--nproc`` and ``key=value`` overrides. With
-``--nproc`` > 1 (outside a launcher) they start that many ranks through the real
-``deepspeed`` launcher on 127.0.0.1; inside ``deepspeed``/``torchrun``/SLURM they
+``--nproc`` > 1 (outside a launcher) they start that many ranks through DeepSpeed's per-node
+launcher (``deepspeed.launcher.launch``) on 127.0.0.1; inside ``deepspeed``/``torchrun``/SLURM they
 run on the ranks that launcher made.
 """
 
@@ -138,9 +138,9 @@ def launch_devices(nproc: int, environ: Mapping[str, str], gpu: bool) -> list[in
     return list(range(nproc))
 
 
-def launch_command(command: str, config: Path, nproc: int, port: int, quiet: bool, devices: list) -> list[str]:
+def launch_command(command: str, config: Path, port: int, quiet: bool, devices: list) -> list[str]:
     """DeepSpeed's per-node launcher (``deepspeed.launcher.launch``: what the ``deepspeed`` command runs on
-    one node) on 127.0.0.1 for ``nproc`` ranks of ``layerwise_dist.worker``, each given ``config``.
+    one node) on 127.0.0.1 for one rank of ``layerwise_dist.worker`` per device id, each given ``config``.
 
     It is started directly, not through the ``deepspeed`` command: on one node that command only encodes the
     node's devices (``--world_info``) and starts this same launcher, after importing all of DeepSpeed once
@@ -177,7 +177,7 @@ def _start_ranks(command: str, cfg: Any, nproc: int, args: argparse.Namespace) -
     gpu = torch.cuda.is_available()
     env = rank_env(os.environ, cpu=not gpu)
     devices = launch_devices(nproc, os.environ, gpu)
-    cmd = launch_command(command, resolved, nproc, args.master_port or free_port(), env.get(QUIET_ENV) == "1", devices)
+    cmd = launch_command(command, resolved, args.master_port or free_port(), env.get(QUIET_ENV) == "1", devices)
     print("launching:", " ".join(cmd), flush=True)
     return _run_launcher(cmd, env)
 

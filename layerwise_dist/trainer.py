@@ -173,7 +173,7 @@ def adamw(params: Sequence[torch.Tensor], lr: float, weight_decay: float = 0.0) 
     """torch's AdamW, fused into one kernel wherever torch has one for the parameters' devices.
 
     CUDA, and CPU since torch 2.4: on one core the fused step over a 28M-element ZeRO partition (the
-    experiment's 8-layer student on two ranks) takes ~0.03 s against ~0.32 s for the per-op loop
+    experiment's 8-layer student on two ranks) takes ~0.03 s against ~0.28 s for the per-op loop
     (``benchmarks/bench_optimizer_step.py``), with the same values to float rounding. Parameters built on the
     CPU and moved to the GPU by DeepSpeed get the GPU's fused kernel."""
     try:

@@ -178,7 +178,7 @@ def test_ranks_get_the_visible_gpus_through_deepspeeds_launcher():
     assert launch_devices(2, {}, gpu=True) == [0, 1]
     assert launch_devices(2, {"CUDA_VISIBLE_DEVICES": "3"}, gpu=True) == [0, 1]  # too few named: DeepSpeed's rule
     assert launch_devices(2, {"CUDA_VISIBLE_DEVICES": "2,3"}, gpu=False) == [0, 1]  # CPU ranks: ids only count
-    cmd = launch_command("distill", Path("/r/config.yaml"), 2, 29500, True, [2, 3])
+    cmd = launch_command("distill", Path("/r/config.yaml"), 29500, True, [2, 3])
     assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and "--quiet" in cmd
     assert cmd[-5:] == ["--module", "layerwise_dist.worker", "distill", "--config", "/r/config.yaml"]
     world = json.loads(base64.urlsafe_b64decode(next(a for a in cmd if a.startswith("--world_info=")).split("=", 1)[1]))

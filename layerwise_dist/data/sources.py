@@ -266,6 +266,14 @@ def source_from_config(cfg: DataConfig) -> InteractionSource:
     raise DataError(f"data.source={cfg.source} has no interaction source")
 
 
+def category_picks_files(cfg: DataConfig) -> bool:
+    """Whether ``data.category`` picks the files :func:`source_from_config` reads (an amazon2023 or benchmark_csv
+    folder). A saved student then records it as given, so that reloading its settings finds the same file,
+    whatever category the file's items name; elsewhere (embedded, llmrank, prepared, a single file) it records
+    the category the data named, which is what its prompts said."""
+    return cfg.source in ("amazon2023", "benchmark_csv") and Path(cfg.reviews).is_dir()
+
+
 def load_splits(cfg: DataConfig, strict: bool = False, progress: bool = False) -> SplitData:
     """The leave-one-out split of ``cfg.source``: embedded | amazon2023 | benchmark_csv | llmrank | prepared."""
     if cfg.source == "prepared":

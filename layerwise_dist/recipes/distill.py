@@ -55,14 +55,6 @@ def teacher_identity(t: Any) -> str:
     return identity
 
 
-def _category_finds_files(data: Any) -> bool:
-    """Whether ``data.category`` picks the files read (an amazon2023 or benchmark_csv folder): a saved student
-    then records it as given, so that reloading its settings finds the same file, whatever category the
-    file's items turned out to name. Elsewhere (embedded, llmrank, prepared, a single file) it records the
-    category the data named, which is what its prompts said."""
-    return data.source in ("amazon2023", "benchmark_csv") and Path(data.reviews).is_dir()
-
-
 class DistillRecipe:
     """``setup`` (profile, student, layer weights, loss, engine) -> ``train`` -> ``save``."""
 
@@ -112,11 +104,13 @@ class DistillRecipe:
             if cfg.layer_map:
                 layer_map = list(cfg.layer_map)
         validate_layer_map(layer_map, student.config.num_hidden_layers, n_teacher)
+        from ..data.sources import category_picks_files
+
         # The saved student carries the prompt settings it was trained with: recommend and evaluate reuse them.
         info = dict(getattr(student.config, "layerwise_dist", None) or {})
         info["prompt"] = self.cfg.data.prompt_settings()
         splits = getattr(self.session, "splits", None)
-        if splits is not None and not _category_finds_files(self.cfg.data):
+        if splits is not None and not category_picks_files(self.cfg.data):
             info["prompt"]["category"] = splits.category  # the category the prompts named (e.g. an llmrank folder's)
         student.config.layerwise_dist = info
         student.config.use_cache = False
