@@ -28,7 +28,6 @@ import dataclasses
 import gc
 import hashlib
 import json
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,14 +140,9 @@ def parse_models(specs: Sequence[str]) -> list[ModelSpec]:
 def eval_examples(splits: Any, cfg: RunConfig, tokenizer: Any, split: str) -> list[Any]:
     """The evaluation users of a run (as :meth:`RunSession.rank_examples`): ``eval.max_examples`` of ``split``
     drawn with ``data.seed``, in split order; candidates and targets depend on the data and seed only."""
-    from .data import build_examples
+    from .data import build_examples, seeded_sample
 
-    examples = build_examples(splits, split, cfg.data, tokenizer)
-    n = cfg.eval.max_examples
-    if n and n < len(examples):
-        keep = sorted(random.Random(cfg.data.seed).sample(range(len(examples)), n))
-        examples = [examples[i] for i in keep]
-    return examples
+    return seeded_sample(build_examples(splits, split, cfg.data, tokenizer), cfg.eval.max_examples, cfg.data.seed)
 
 
 def examples_key(examples: Sequence[Any]) -> tuple[list[tuple], str]:

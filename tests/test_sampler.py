@@ -59,3 +59,16 @@ def test_bad_shapes_are_clear_errors():
         RankSampler(7, 4, rank=0, world_size=2)
     with pytest.raises(DataError, match="batch_size"):
         RankSampler(7, 0)
+
+
+def test_seeded_sample_keeps_order_and_depends_on_the_seed_only():
+    from layerwise_dist.data import seeded_sample
+
+    items = [f"user{i}" for i in range(200)]
+    a = seeded_sample(items, 30, seed=1234)
+    assert len(a) == 30 and len(set(a)) == 30
+    assert a == sorted(a, key=items.index)  # split order, not draw order
+    assert a == seeded_sample(list(items), 30, seed=1234)  # a pure function of (items, n, seed)
+    assert a != seeded_sample(items, 30, seed=1235)
+    assert seeded_sample(items, 0, seed=1) == items  # 0: every item
+    assert seeded_sample(items, 500, seed=1) == items  # more than there are: every item

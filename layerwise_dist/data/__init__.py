@@ -15,7 +15,7 @@ from .examples import NegativeSampler, build_examples, split_targets, stable_see
 from .prepare import add_prepare_arguments, prepare, run_prepare
 from .prompts import LABELS, RankExample, encode, label_token_ids, pointwise_phrases, render_pointwise, render_prompt
 from .readers import category_from_filename, read_reviews, read_titles
-from .sampler import RankSampler, length_sorted, load_batch
+from .sampler import RankSampler, length_sorted, load_batch, seeded_sample
 from .sources import (
     Amazon2023Source,
     BenchmarkCSVSource,
@@ -50,6 +50,7 @@ __all__ = [
     "examples_from_candidates",
     "label_token_ids",
     "length_sorted",
+    "seeded_sample",
     "load_batch",
     "load_splits",
     "pointwise_phrases",

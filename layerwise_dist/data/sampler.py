@@ -103,6 +103,17 @@ class RankSampler:
         return self.epoch_batches(epoch)[pos]
 
 
+def seeded_sample(items: Sequence[Any], n: int, seed: int) -> list[Any]:
+    """``n`` of ``items`` drawn with ``seed`` and kept in their order (all of them when ``n`` is 0 or not
+    fewer): the rule that picks a run's evaluation users, so every model and baseline of a run, and every
+    run with the same data and seed, scores the same users."""
+    if not n or n >= len(items):
+        return list(items)
+    import random
+
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
+
+
 def example_length(example: Any) -> int:
     """The tokens an example's row holds in a batch: a pointwise example's prefix and candidates (packed in one
     row), else its ``input_ids``."""

@@ -97,8 +97,7 @@ class EvaluateRecipe:
         cfg, session = self.cfg, self.session
         if not cfg.eval.candidates:
             return session.rank_examples(cfg.eval.split)
-        import random
-
+        from ..data import seeded_sample
         from ..data.candidates import examples_from_candidates
 
         examples = examples_from_candidates(
@@ -113,8 +112,7 @@ class EvaluateRecipe:
         lines = len(examples)
         n = cfg.eval.max_examples
         if n and n < len(examples):  # the same seeded sample rule as RunSession.rank_examples
-            keep = sorted(random.Random(cfg.data.seed).sample(range(len(examples)), n))
-            examples = [examples[i] for i in keep]
+            examples = seeded_sample(examples, n, cfg.data.seed)
             log.info(
                 "%s: scoring a seeded sample of %d of its %d lines (eval.max_examples=%d; 0 scores every line)",
                 cfg.eval.candidates,

@@ -381,16 +381,12 @@ class RunSession:
         order: the same users and candidates for every model and baseline of the run.
         """
         if split not in self._rank_examples:
-            import random
-
-            from ..data import build_examples
+            from ..data import build_examples, seeded_sample
 
             cfg = self.cfg
             examples = build_examples(self.splits, split, cfg.data, self.tokenizer)
-            n = cfg.eval.max_examples
-            if split in ("test", "valid") and n and n < len(examples):
-                keep = sorted(random.Random(cfg.data.seed).sample(range(len(examples)), n))
-                examples = [examples[i] for i in keep]
+            if split in ("test", "valid"):
+                examples = seeded_sample(examples, cfg.eval.max_examples, cfg.data.seed)
             self._rank_examples[split] = examples
         return self._rank_examples[split]
 
