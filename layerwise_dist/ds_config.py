@@ -104,9 +104,10 @@ def resolve_ds_config(
     if purpose != "train":
         for key in ("optimizer", "scheduler"):
             ds.pop(key, None)
-        if stage in (1, 2):
+        if stage in (0, 1, 2):
             # Stages 1-2 partition optimizer state and gradients, which a frozen model has none of (DeepSpeed
-            # refuses them without an optimizer); its parameters are what to partition: stage 3. So a student
-            # trained under zero2.json distils from a ZeRO-3-partitioned teacher (teacher.placement=zero3).
+            # refuses them without an optimizer), and stage 0 partitions nothing; a frozen model's parameters are
+            # what to partition: stage 3. So a student trained under zero2.json (or zero0.json) distils from a
+            # ZeRO-3-partitioned teacher (teacher.placement=zero3).
             ds["zero_optimization"] = {**ds["zero_optimization"], "stage": 3}
     return ds

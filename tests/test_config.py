@@ -309,9 +309,12 @@ def test_a_frozen_models_engine_partitions_its_parameters_whatever_the_training_
     assert inference["zero_optimization"]["stage"] == 3
     assert inference["zero_optimization"]["reduce_bucket_size"] == 5e7  # the rest of the JSON is kept
     assert "optimizer" not in inference
+    # stage 0 (plain data parallel, the experiment's students) partitions nothing: a frozen teacher is stage 3 too
+    assert resolve_ds_config(REPO_DS / "zero0.json", cfg)["zero_optimization"] == {"stage": 0}
+    assert resolve_ds_config(REPO_DS / "zero0.json", cfg, "inference")["zero_optimization"]["stage"] == 3
 
 
-@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+@pytest.mark.parametrize("name", ["zero0.json", "zero2.json", "zero3.json", "zero3_offload.json"])
 def test_shipped_ds_configs_resolve(name):
     ds = resolve_ds_config(REPO_DS / name, load_config("tiny"))
     assert "auto" not in json.dumps(ds)
