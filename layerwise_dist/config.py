@@ -380,6 +380,11 @@ class TrainConfig:
         True, "on SIGTERM/SIGINT, stop at the next step boundary and write a checkpoint before exiting (non-zero)"
     )
     seed: int = _f(42, "seed of data order and initialisation")
+    group_by_length: bool = _f(
+        False,
+        "batch the training examples of each group of 16 batches longest first, in a seeded order: the same examples "
+        "per rank, less padding, and ranks whose batches at a step are alike in length (data.sampler.RankSampler)",
+    )
     precision: Precision = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
 
     def __post_init__(self) -> None:

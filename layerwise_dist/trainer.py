@@ -219,6 +219,7 @@ class DistillationRunner:
         self.module = StudentWithAligner(student, loss_fn)
         self.engine = None
         self._saved_step: int | None = None  # the step whose DeepSpeed checkpoint this run wrote or loaded
+        self._lengths: tuple[int, ...] | None = None  # the training examples' tokens (train.group_by_length)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> DistillationRunner:
@@ -254,8 +255,15 @@ class DistillationRunner:
 
     def _sampler(self) -> RankSampler:
         t = self.cfg.train
+        if t.group_by_length and self._lengths is None:
+            from .data.sampler import example_length
+
+            self._lengths = tuple(example_length(self.train_data[i]) for i in range(len(self.train_data)))
+        lengths = self._lengths if t.group_by_length else None
         try:
-            return RankSampler.for_rank(len(self.train_data), t.micro_batch_size, shuffle=True, seed=t.seed)
+            return RankSampler.for_rank(
+                len(self.train_data), t.micro_batch_size, shuffle=True, seed=t.seed, lengths=lengths
+            )
         except DataError as e:
             raise ConfigError(f"training data: {e}") from None
 

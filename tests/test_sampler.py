@@ -72,3 +72,48 @@ def test_seeded_sample_keeps_order_and_depends_on_the_seed_only():
     assert a != seeded_sample(items, 30, seed=1235)
     assert seeded_sample(items, 0, seed=1) == items  # 0: every item
     assert seeded_sample(items, 500, seed=1) == items  # more than there are: every item
+
+
+def _padded_cost(samplers, lengths, steps):
+    """Tokens a step costs when every rank waits for the slowest: max over ranks of batch size x longest row."""
+    return sum(max(len(b) * max(lengths[i] for i in b) for b in (s.batch(k) for s in samplers)) for k in range(steps))
+
+
+def test_length_grouped_batches_train_each_rank_on_the_same_examples_with_less_padding():
+    import random
+
+    from layerwise_dist.data.sampler import GROUP_BATCHES
+
+    rnd = random.Random(3)
+    n, bs, world = 403, 2, 2  # 403: a remainder dropped, a last group shorter than GROUP_BATCHES
+    lengths = tuple(rnd.randint(60, 340) for _ in range(n))
+    plain = [RankSampler(n, bs, rank=r, world_size=world, shuffle=True, seed=5) for r in range(world)]
+    grouped = [
+        RankSampler(n, bs, rank=r, world_size=world, shuffle=True, seed=5, lengths=lengths) for r in range(world)
+    ]
+    for epoch in (0, 1):
+        for p, g in zip(plain, grouped):
+            pb, gb = p.epoch_batches(epoch), g.epoch_batches(epoch)
+            assert len(gb) == len(pb) and all(len(b) == bs for b in gb)
+            assert sorted(i for b in gb for i in b) == sorted(i for b in pb for i in b)  # the same examples
+            assert gb != pb
+        # within a group the ranks' batches at a step hold the same length rank of their groups
+        for start in range(0, len(pb), GROUP_BATCHES):
+            ranks_at_step = []
+            for g in grouped:
+                group = g.epoch_batches(epoch)[start : start + GROUP_BATCHES]
+                order = sorted(range(len(group)), key=lambda j: -max(lengths[i] for i in group[j]))
+                ranks_at_step.append([order.index(j) for j in range(len(group))])
+            assert ranks_at_step[0] == ranks_at_step[1]
+    # a batch index alone fixes the batch (resume), across epochs too
+    again = RankSampler(n, bs, rank=1, world_size=world, shuffle=True, seed=5, lengths=lengths)
+    assert [again.batch(k) for k in (0, 7, 150, 250)] == [grouped[1].batch(k) for k in (0, 7, 150, 250)]
+    steps = plain[0].batches_per_epoch
+    assert _padded_cost(grouped, lengths, steps) < 0.9 * _padded_cost(plain, lengths, steps)
+
+
+def test_length_grouping_refuses_what_it_cannot_group():
+    with pytest.raises(DataError, match="3 lengths for 4 examples"):
+        RankSampler(4, 2, shuffle=True, lengths=(1, 2, 3))
+    with pytest.raises(DataError, match="only the shuffled, equal batches"):
+        RankSampler(4, 2, lengths=(1, 2, 3, 4))

@@ -45,6 +45,30 @@ def test_the_optimizer_is_fused_on_the_cpu_and_steps_as_the_loop_does():
         assert adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-3).defaults["fused"] is False
 
 
+def test_group_by_length_gives_the_training_sampler_each_examples_tokens():
+    from types import SimpleNamespace
+
+    from layerwise_dist.config import load_config
+    from layerwise_dist.trainer import DistillationRunner
+
+    student = torch.nn.Linear(1, 1)
+    student.config = SimpleNamespace()
+    rows = [{"input_ids": [1] * n} for n in (5, 9, 3, 7, 8, 2, 6, 4)]
+    pointwise = {"prefix_ids": [1, 2, 3], "candidate_ids": [[4, 5], [6]]}  # a packed row: prefix + candidates
+    data = [*rows, pointwise, pointwise]
+
+    def sampler(on: bool):
+        cfg = load_config("tiny", [f"train.group_by_length={str(on).lower()}", "train.micro_batch_size=2"])
+        return DistillationRunner(cfg, student, None, torch.nn.Identity(), data, 0, {})._sampler()
+
+    assert sampler(False).lengths is None
+    grouped = sampler(True)
+    assert grouped.lengths == (5, 9, 3, 7, 8, 2, 6, 4, 6, 6)
+    batches, plain = grouped.epoch_batches(), sampler(False).epoch_batches()
+    assert sorted(i for b in batches for i in b) == sorted(i for b in plain for i in b)  # the same examples
+    assert batches != plain
+
+
 def test_public_names_resolve():
     import layerwise_dist
 

@@ -14,6 +14,13 @@ With ``shuffle=True`` the order of an epoch is a permutation drawn from
 pure function of the seed and ``i``: a resumed run needs only its step number to
 continue on exactly the data an uninterrupted run would have seen.
 
+With ``lengths`` as well (``train.group_by_length``), each rank's share of the epoch is cut into groups of
+:data:`GROUP_BATCHES` batches; a group's examples are batched longest first and its batches then put in an
+order drawn from ``(seed, epoch)``, the same on every rank. A rank trains on the same examples as without
+``lengths``, but a batch pads less and the ranks' batches at one step are alike in length, so a step waits
+less for the slower rank (HF Trainer's ``group_by_length`` does the first half of this). Still a pure
+function of the seed and the batch index.
+
 Scoring (evaluation, the learning curve's ranking) may regroup a rank's batches by length
 (:func:`length_sorted`): the same examples in batches of the same sizes, so each batch pads to
 about its own examples' length; ``evaluate_per_example(positions=...)`` puts the per-example
@@ -28,6 +35,8 @@ from typing import Any
 
 from .errors import DataError
 
+GROUP_BATCHES = 16  # batches per length group (``lengths``): the longer, the less padding, the less random a step
+
 
 @dataclass(frozen=True)
 class RankSampler:
@@ -40,12 +49,18 @@ class RankSampler:
     shuffle: bool = False
     seed: int = 0
     equal_batches: bool = True
+    lengths: tuple[int, ...] | None = None  # each example's tokens: with shuffle, batches grouped by length
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise DataError(f"RankSampler needs 0 <= rank < world_size; got rank={self.rank}, world={self.world_size}")
         if self.batch_size < 1:
             raise DataError(f"RankSampler batch_size must be >= 1; got {self.batch_size}")
+        if self.lengths is not None:
+            if len(self.lengths) != self.num_examples:
+                raise DataError(f"RankSampler got {len(self.lengths)} lengths for {self.num_examples} examples")
+            if not (self.shuffle and self.equal_batches):
+                raise DataError("RankSampler groups by length only the shuffled, equal batches of training")
         if self.equal_batches and self.batches_per_epoch == 0:
             raise DataError(
                 f"{self.num_examples} examples cannot give each of {self.world_size} ranks "
@@ -86,10 +101,27 @@ class RankSampler:
         """Every batch of one epoch on this rank, in order."""
         share = self._share(epoch)
         bs = self.batch_size
-        batches = [share[i : i + bs] for i in range(0, len(share), bs)]
         if self.equal_batches:
-            batches = batches[: self.batches_per_epoch]
-        return batches
+            share = share[: self.batches_per_epoch * bs]
+        if self.lengths is not None:
+            return self._length_grouped(share, epoch)
+        return [share[i : i + bs] for i in range(0, len(share), bs)]
+
+    def _length_grouped(self, share: list[int], epoch: int) -> list[list[int]]:
+        """``share`` (whole batches) in groups of GROUP_BATCHES batches, each batched longest first (ties in
+        share order), its batches in an order drawn from ``(seed, epoch)``: every rank draws the same orders,
+        so at each step the ranks hold their groups' batches of the same length rank."""
+        import torch
+
+        lengths, bs = self.lengths, self.batch_size
+        gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch + 7919)
+        out: list[list[int]] = []
+        size = GROUP_BATCHES * bs
+        for start in range(0, len(share), size):
+            group = sorted(share[start : start + size], key=lambda i: -lengths[i])
+            batches = [group[i : i + bs] for i in range(0, len(group), bs)]
+            out.extend(batches[j] for j in torch.randperm(len(batches), generator=gen).tolist())
+        return out
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.epoch_batches(0))
