@@ -80,26 +80,40 @@ def test_plateau_judges_the_second_half_of_the_curve():
     assert plateau(pts([0.3, 0.3]))["plateau"] is None
 
 
-def test_plateau_with_the_validation_ranks_pairs_the_second_half_user_by_user():
-    """With each validation user's rank at each point, the verdict is the paired rise over the second half of
-    the budget (from the point at half the budget to the last) with its bootstrap interval: below the tolerance is a
-    plateau, above 0 is not, straddling both is undecided (too few users), whatever the means alone suggest."""
+def test_plateau_with_the_validation_ranks_pairs_the_last_quarter_user_by_user():
+    """With each validation user's rank at each point, the verdict is the paired rise over the last quarter of
+    the budget (from the point at three quarters of it to the last) with its bootstrap interval: holding 0 and
+    below the tolerance is a plateau, above 0 is not, anything else is undecided (too few users), whatever the
+    means alone suggest; the rise from half the budget is given beside it."""
     rng = np.random.default_rng(0)
-    steps = [25, 50, 75, 100, 125, 150]
+    steps = [150, 300, 450, 600]
     pts = [{"step": s, "valid_ndcg@10": 0.3} for s in steps]  # the means say nothing here
     before = rng.integers(1, 21, size=400)
-    same = plateau(pts, ranks={"75": before.tolist(), "150": before.tolist()})
-    assert same["plateau"] is True and same["paired"]["from_step"] == 75 and same["paired"]["to_step"] == 150
-    assert same["paired"]["rise"] == 0.0 and same["paired"]["ci95"] == [0.0, 0.0] and same["paired"]["n"] == 400
     better = np.where(rng.random(400) < 0.3, 1, before)  # 30% of the users now rank their target first
-    rising = plateau(pts, ranks={"75": before.tolist(), "150": better.tolist()})
+    # risen from half the budget to three quarters, flat since: a plateau (the rule up to session 17 said no)
+    flat = plateau(pts, ranks={"300": before.tolist(), "450": better.tolist(), "600": better.tolist()})
+    assert flat["plateau"] is True and flat["paired"]["from_step"] == 450 and flat["paired"]["to_step"] == 600
+    assert flat["paired"]["rise"] == 0.0 and flat["paired"]["ci95"] == [0.0, 0.0] and flat["paired"]["n"] == 400
+    assert flat["paired_half"]["from_step"] == 300 and flat["paired_half"]["ci95"][0] > 0
+    rising = plateau(pts, ranks={"300": before.tolist(), "450": before.tolist(), "600": better.tolist()})
     assert rising["plateau"] is False and rising["paired"]["ci95"][0] > 0
-    few = rng.integers(1, 21, size=(2, 12))  # 12 users, unrelated ranks: the interval is far wider than 0.02
-    unsure = plateau(pts, ranks={"75": few[0].tolist(), "150": few[1].tolist()})
+    # a small rise, below the tolerance but clearly above 0: still rising, not a plateau
+    nudged = np.where(rng.random(400) < 0.04, 1, before)
+    small = plateau(pts, ranks={"450": before.tolist(), "600": nudged.tolist()}, tolerance=0.2)
+    assert 0 < small["paired"]["ci95"][0] and small["paired"]["ci95"][1] < 0.2 and small["plateau"] is False
+    # 12 users, half of them better and half worse: a mean rise of 0 whose interval is far wider than 0.02
+    few = [[1] * 6 + [20] * 6, [20] * 6 + [1] * 6]
+    unsure = plateau(pts, ranks={"450": few[0], "600": few[1]})
     assert unsure["plateau"] is None and "12 validation users are too few" in unsure["reason"]
+    assert "paired_half" not in unsure  # no ranks at step 300
     # Ranks missing for a point, or of another length: the means' heuristic, as for older runs.
-    assert "paired" not in plateau(pts, ranks={"150": before.tolist()})
-    assert "paired" not in plateau(pts, ranks={"75": before.tolist(), "150": before[:10].tolist()})
+    assert "paired" not in plateau(pts, ranks={"600": before.tolist()})
+    assert "paired" not in plateau(pts, ranks={"450": before.tolist(), "600": before[:10].tolist()})
+    # A curve every 75 steps of 300: the last quarter is 225 -> 300; of 3 steps every step: 2 -> 3.
+    four = [{"step": s, "valid_ndcg@10": 0.3} for s in (75, 150, 225, 300)]
+    assert plateau(four, ranks={"225": before.tolist(), "300": before.tolist()})["paired"]["from_step"] == 225
+    three = [{"step": s, "valid_ndcg@10": 0.3} for s in (1, 2, 3)]
+    assert plateau(three, ranks={"2": before.tolist(), "3": before.tolist()})["paired"]["from_step"] == 2
 
 
 def _fake_run(root, name, steps, ranks, recorded=None):
