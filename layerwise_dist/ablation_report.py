@@ -475,11 +475,10 @@ def plateau(
     ``plateau`` is true when the interval lies below ``tolerance`` and holds 0 (no rise the users can tell
     from none, and none as large as the tolerance), false when it lies above 0 (still rising), and None
     otherwise (too few users to tell); ``paired`` holds the figures. ``paired_half`` gives the rise from the
-    point at half the budget (the first at or after it) to the last, for information: the rule up to
-    session 17 judged that span by the tolerance alone, which let every 300-step probe of issue 11 pass
-    its last quarter while those students still gained 0.026-0.037 test NDCG@10 from more training, and
-    failed the 600-step probe whose last quarter was flat (+0.0010 [-0.0082, +0.0095]) because its rise came
-    between the half and the last quarter (``results/probes.md``).
+    point at half the budget (the first at or after it) to the last, for information. Why both conditions:
+    the experiment's 300-step curves rose by less than the tolerance over their last quarter, significantly
+    above 0, and those students still gained 0.026-0.037 test NDCG@10 from more training
+    (``results/probes.md``).
 
     Without them (runs written before the ranks were kept): true when the last point is within
     ``tolerance`` of the best one and the points of the second half rise by less than ``tolerance``
