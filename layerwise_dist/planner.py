@@ -29,6 +29,12 @@ parameter count, ``p`` the bytes of the training dtype (2 for bf16, 4 for fp32):
   reduce bucket is left out, as are transient full gradients of one bucket);
 * optimizer ``P*12/N``: Adam's two fp32 moments plus DeepSpeed's fp32 master copy of
   the partition, which DeepSpeed keeps in fp32 training too (it clones the partition);
+* ``zero0`` (plain data parallel, ``ds_configs/zero0.json``) and ``zero1`` partition no
+  gradients: ``P*p`` each, ``P*4`` in bf16 (DeepSpeed's bf16 optimizer accumulates them in
+  fp32); ``zero0`` keeps every optimizer state on every rank, ``P*8`` in fp32 (Adam's moments
+  on the module's own parameters) or ``P*12`` in bf16 (with the fp32 master copy); ``zero1``
+  partitions them, ``P*12/N``. Neither is in the plan's table (``STUDENT_PLACEMENTS``): at two
+  ranks and more they need more than ``zero2``;
 * ``offload_optimizer``: the optimizer states and the fp32 gradient partition live on
   the host (``P*16/N`` host bytes), the device keeps the parameters;
 * ``offload_param`` (ZeRO-3 only): the parameter partition lives on the host too;
@@ -70,6 +76,7 @@ from typing import Any
 QUANTIZATIONS = ("nf4", "int8", "none")
 TEACHER_PLACEMENTS = ("replicate", "zero3")
 STUDENT_PLACEMENTS = ("zero2", "zero2+offload_opt", "zero3", "zero3+offload_opt", "zero3+offload_all")
+UNPARTITIONED_GRADIENTS = ("zero0", "zero1")  # planned for a run's own JSON (preflight), not tabled
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
 NF4_BLOCK = 64
@@ -381,13 +388,22 @@ class StudentStates:
 
 def student_states(shape: ModelShape, ranks: int, placement: str, dtype: str = "bf16") -> StudentStates:
     """Bytes of the student's parameters, gradients and Adam states under one DeepSpeed placement."""
-    if placement not in STUDENT_PLACEMENTS:
-        raise PlanError(f"student placement must be one of {STUDENT_PLACEMENTS}; got {placement!r}")
+    if placement not in STUDENT_PLACEMENTS + UNPARTITIONED_GRADIENTS:
+        raise PlanError(
+            f"student placement must be one of {STUDENT_PLACEMENTS + UNPARTITIONED_GRADIENTS}; got {placement!r}"
+        )
     if ranks < 1:
         raise PlanError(f"ranks must be >= 1; got {ranks}")
     p = _dtype_bytes(dtype)
     n_params = shape.total_params
     part = math.ceil(n_params / ranks)
+    if placement in UNPARTITIONED_GRADIENTS:
+        grads = n_params * (4 if p == 2 else p)  # bf16: DeepSpeed's bf16 optimizer accumulates them in fp32
+        if placement == "zero0":
+            optimizer = n_params * (12 if p == 2 else 8)  # fp32: Adam's moments on the parameters themselves
+        else:
+            optimizer = part * 12
+        return StudentStates(n_params * p, grads, optimizer, 0, 0)
     stage3 = placement.startswith("zero3")
     params = part * p if stage3 else n_params * p
     grads = part * p

@@ -47,7 +47,8 @@ def check_memory(cfg: RunConfig, ranks: int) -> Any:
     On CUDA the budget is the first device's memory per rank and the host's memory for
     offloaded states; on CPU every rank lives in host memory, so each rank's budget is the
     host's memory divided by the ranks. Student placement comes from the DeepSpeed JSON (stage,
-    offload); stages 0 and 1 are planned as ZeRO-2 (which they do not undercut).
+    offload); stages 0 and 1 keep whole gradients on every rank (and stage 0 whole optimizer states:
+    ``planner.student_states``); stage 1 with an offloaded optimizer is planned as ZeRO-2 with one.
     """
     import psutil
     import torch
@@ -59,11 +60,17 @@ def check_memory(cfg: RunConfig, ranks: int) -> Any:
     from .precision import use_bf16
 
     zero = read_ds_config(cfg.ds_config).get("zero_optimization", {})
-    stage = "zero3" if zero.get("stage") == 3 else "zero2"
+    stage = {0: "zero0", 1: "zero1", 3: "zero3"}.get(zero.get("stage"), "zero2")
     offload_param = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
     offload_opt = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    if stage == "zero1" and offload_opt:
+        stage = "zero2"
     placement = stage + (
-        "+offload_all" if offload_param and stage == "zero3" else "+offload_opt" if offload_opt else ""
+        "+offload_all"
+        if offload_param and stage == "zero3"
+        else "+offload_opt"
+        if offload_opt and stage != "zero0"
+        else ""
     )
     host = psutil.virtual_memory().total
     if torch.cuda.is_available():

@@ -129,6 +129,45 @@ def test_offload_moves_states_to_the_host():
     assert both.params == 0 and both.host == off.host + z3.params
 
 
+def test_unpartitioned_gradients_and_states_under_zero0_and_zero1():
+    shape = planner.count_model("llama3-8b").student(8)
+    n, part = shape.total_params, -(-shape.total_params // 8)
+    z2 = planner.student_states(shape, 8, "zero2", "fp32")
+    z1 = planner.student_states(shape, 8, "zero1", "fp32")
+    z0 = planner.student_states(shape, 8, "zero0", "fp32")
+    assert z0.params == z1.params == z2.params == 4 * n
+    assert z0.grads == z1.grads == 4 * n and z2.grads == 4 * part  # every rank holds whole gradients
+    assert z0.optimizer == 8 * n and z1.optimizer == z2.optimizer == 12 * part  # fp32: moments on the params
+    assert z0.device > z1.device > z2.device
+    bf = planner.student_states(shape, 8, "zero0", "bf16")
+    assert (bf.params, bf.grads, bf.optimizer) == (2 * n, 4 * n, 12 * n)  # fp32 grads and master copy
+    with pytest.raises(planner.PlanError, match="student placement must be one of"):
+        planner.student_states(shape, 8, "zero0+offload_opt")
+
+
+@pytest.mark.parametrize(
+    ("zero", "placement"),
+    [
+        ({"stage": 0}, "zero0"),
+        ({"stage": 1}, "zero1"),
+        ({"stage": 1, "offload_optimizer": {"device": "cpu"}}, "zero2+offload_opt"),
+        ({"stage": 2}, "zero2"),
+        ({"stage": 3, "offload_param": {"device": "cpu"}}, "zero3+offload_all"),
+    ],
+)
+def test_the_preflight_plans_the_stage_the_json_names(tmp_path, monkeypatch, zero, placement):
+    from layerwise_dist import planner as planner_module
+    from layerwise_dist.config import load_config
+    from layerwise_dist.preflight import check_memory
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": zero}))
+    seen = {}
+    monkeypatch.setattr(planner_module, "check_fits", lambda *a, **kw: seen.update(kw) or "planned")
+    assert check_memory(load_config("tiny", [f"ds_config={ds}"]), 2) == "planned"
+    assert seen["student_placement"] == placement
+
+
 def test_cli_plan_prints_the_table(capsys, tmp_path):
     from layerwise_dist.cli import main
 
