@@ -437,10 +437,18 @@ def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
         seconds = (res.get("timings") or {}).get("teacher_cache_s")
         if (res.get("teacher_cache") or {}).get("built_examples_rank0") and seconds:
             builds.append({"cell": n, "seconds": float(seconds)})
-    # Teacher scores read from another run (eval.reuse_teacher_scores): computed there, not in this ledger.
+    # Teacher scores read from another run (eval.reuse_teacher_scores; the transfer check reads that run's
+    # transfer check): computed there, not in this ledger.
+    transfer = _load(run / "transfer" / "results.json")
     reused = [
-        {"model": name, "from": r["reused_from"], "seconds": r.get("reused_compute_s"), "check": r["reuse_check"]}
-        for name, r in ((n, top.get(n) or {}) for n in ("teacher_zero_shot", "teacher"))
+        {
+            "model": name if stage == "final_evaluation" else f"{name} (transfer check)",
+            "from": r["reused_from"],
+            "seconds": r.get("reused_compute_s"),
+            "check": r["reuse_check"],
+        }
+        for stage, res in (("final_evaluation", top), ("transfer", transfer))
+        for name, r in ((n, res.get(n) or {}) for n in ("teacher_zero_shot", "teacher"))
         if r.get("reuse_check") is not None and r.get("reused_from")
     ]
     reused_s = sum(x["seconds"] or 0.0 for x in reused)
@@ -627,7 +635,7 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
         lines += [
             "",
             f"{x['model']}: its scores are read from `{x['from']}` (an earlier run's, the same users and candidates), "
-            f"not computed again; loaded here for its speed and memory, it scored {check.get('examples', '?')} "
+            f"not computed again; loaded here, it scored {check.get('examples', '?')} "
             f"examples of its first batches as the file does (max |difference| {check.get('max_abs_diff', float('nan')):.2g}).",
         ]
     teachers = data.get("cell_teachers") or {}
@@ -795,7 +803,7 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
                 for x in reused
             )
             + " were read from an earlier run's per-example files of the same users and candidates (each teacher, "
-            "loaded here for its speed and memory, scored its first batch as the file does). Counting them, a run "
+            "loaded here, scored its first batch as the file does). Counting them, a run "
             f"from scratch takes {with_reused:,.0f} s = {with_reused / 3600:.2f} h"
             + (f" or more ({', '.join(unknown)} unrecorded)" if unknown else "")
             + f": {'within' if wall['within_budget_with_reused'] else 'over'} the budget.",

@@ -582,6 +582,24 @@ def test_teacher_scores_are_reused_from_another_run_only_when_the_teacher_scores
     assert set(reused_teacher_files(first)) == {"teacher"}
 
 
+def test_the_transfer_check_reads_teacher_scores_only_from_the_other_runs_transfer_check(tmp_path):
+    """eval.reuse_teacher_scores names a run whose per_example/ ranks the main data set's users: the transfer check
+    reads that run's transfer/per_example/ instead, and scores the teachers itself when there is none."""
+    from layerwise_dist.recipes.ablation import transfer_reuse_source
+
+    assert transfer_reuse_source("") == ""
+    (tmp_path / "per_example").mkdir()
+    (tmp_path / "per_example" / "teacher.parquet").write_bytes(b"")
+    assert transfer_reuse_source(str(tmp_path)) == ""  # only the main data set's files
+    (tmp_path / "transfer" / "per_example").mkdir(parents=True)
+    assert transfer_reuse_source(str(tmp_path)) == ""  # an empty transfer check
+    (tmp_path / "transfer" / "per_example" / "teacher_zero_shot.parquet").write_bytes(b"")
+    assert transfer_reuse_source(str(tmp_path)) == str(tmp_path / "transfer")
+    # The committed 100-step run, which the experiment preset reuses, has both teachers' transfer scores.
+    committed = Path(__file__).resolve().parents[1] / "results" / "experiment_100steps"
+    assert transfer_reuse_source(str(committed)) == str(committed / "transfer")
+
+
 def test_the_compute_report_names_teacher_scores_read_from_another_run(tmp_path):
     from layerwise_dist.ablation_report import _wall
 
@@ -599,6 +617,21 @@ def test_the_compute_report_names_teacher_scores_read_from_another_run(tmp_path)
         {"model": "teacher", "from": "old/per_example/teacher.parquet", "seconds": 5000.0, "check": {}}
     ]
     assert wall["total_with_reused_s"] == wall["total_s"] + 5000.0 and wall["reused_s"] == 5000.0
+    # The transfer check's teacher scores, read from that run's transfer check: named as such and counted too.
+    (tmp_path / "transfer").mkdir()
+    transfer = {
+        "timings": {"total_s": 50.0},
+        "teacher": {
+            "reused_from": "old/transfer/per_example/teacher.parquet",
+            "reuse_check": {},
+            "reused_compute_s": 300.0,
+        },
+        "student": {"ndcg@10": 0.2},
+    }
+    (tmp_path / "transfer" / "results.json").write_text(json.dumps(transfer))
+    wall = _wall(tmp_path, ["a"])
+    assert [x["model"] for x in wall["reused"]] == ["teacher", "teacher (transfer check)"]
+    assert wall["reused"][1]["from"] == "old/transfer/per_example/teacher.parquet" and wall["reused_s"] == 5300.0
     top["teacher"]["reused_compute_s"] = 20000.0
     (tmp_path / "results.json").write_text(json.dumps(top))
     wall = _wall(tmp_path, ["a"])

@@ -130,6 +130,25 @@ class Cell:
         )
 
 
+def transfer_reuse_source(source: str) -> str:
+    """The folder whose teacher scores the transfer check reads (``eval.reuse_teacher_scores`` of the child run):
+    ``<source>/transfer`` when that run's transfer check wrote the teachers' per-example files, else ``''``
+    (scored here). Never ``source`` itself: its files rank the main data set's users, not the transfer users.
+    The evaluation still reuses a file only for the same users and candidates and a teacher that scores its
+    first batch as the file does."""
+    if not source:
+        return ""
+    from .evaluate import reused_teacher_files
+
+    folder = Path(source) / "transfer"
+    try:
+        reused_teacher_files(folder)
+    except FileNotFoundError:
+        log.info("ablation: %s holds no teacher scores; the transfer check scores the teachers", folder / "per_example")
+        return ""
+    return str(folder)
+
+
 def ablation_cells(cfg: RunConfig) -> list[Cell]:
     """Every selection x weighting of ``cfg.ablation``, then the task-only student (first selection)."""
     a = cfg.ablation
@@ -304,7 +323,13 @@ class AblationRecipe:
         if a.transfer_category:
             changes["category"] = a.transfer_category
         data = dataclasses.replace(session.cfg.data, **changes)
-        cfg = dataclasses.replace(session.cfg, data=data, output_dir=str(out))
+        reuse = transfer_reuse_source(session.cfg.eval.reuse_teacher_scores)
+        cfg = dataclasses.replace(
+            session.cfg,
+            data=data,
+            eval=dataclasses.replace(session.cfg.eval, reuse_teacher_scores=reuse),
+            output_dir=str(out),
+        )
         if self._transfer_done():
             log.info("ablation: transfer check already in %s", out)
             session.restore_child(out, cfg, f"{session.out.name}-transfer")
