@@ -380,8 +380,19 @@ def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
     ``adapt/summary.json`` (steps x seconds per step + load + export), ``cells/<name>/cell.json``,
     ``transfer/results.json`` and the final evaluation's timings. A stage neither records is listed as
     not recorded, so the total is a lower bound then and says so.
+
+    ``compute.json``'s ``lost`` section (``{"note": why, "stages": {name: {"wall_s", "sittings"}}}``, written by
+    hand) holds sittings whose outputs were lost before they were committed (a machine reset: student folders,
+    cache and uncommitted cells are untracked) and done again: the results come from the redone work, which
+    is in ``stages``; the lost seconds are reported beside the total, not in it.
     """
-    ledger = (_load(run / "compute.json").get("stages")) or {}
+    raw = _load(run / "compute.json")
+    ledger = raw.get("stages") or {}
+    lost_section = raw.get("lost") or {}
+    lost = [
+        {"stage": name, "wall_s": float(e["wall_s"]), "sittings": int(e.get("sittings", 1))}
+        for name, e in (lost_section.get("stages") or {}).items()
+    ]
     top = _load(run / "results.json")
     timings = top.get("timings") or {}
     summary = _load(run / "adapt" / "summary.json")
@@ -460,6 +471,9 @@ def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
         "total_with_reused_s": total + reused_s,
         "within_budget_with_reused": total + reused_s <= COMPUTE_BUDGET_S,
         "cache_builds": builds,
+        "lost": lost,
+        "lost_s": sum(x["wall_s"] for x in lost),
+        "lost_note": str(lost_section.get("note", "")),
         "cache_rebuild_s": sum(b["seconds"] for b in builds[1:]),
         "complete": not missing,
         "not_recorded": missing,
@@ -818,6 +832,18 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
             + f"): the first is the design, the others rebuilt it in sittings on fresh checkouts, which do not "
             f"have the uncommitted cache. They are in the total above; without them it is {once:,.0f} s = "
             f"{once / 3600:.2f} h.",
+            "",
+        ]
+    lost = wall.get("lost") or []
+    if lost:
+        spent = wall["total_s"] + wall["lost_s"]
+        lines += [
+            f"Not in the total either: {wall['lost_s']:,.0f} s of work whose outputs were lost before they were "
+            "committed, and done again ("
+            + ", ".join(f"{x['stage']} {x['wall_s']:,.0f} s" for x in lost)
+            + "; `compute.json`, `lost`"
+            + (f": {wall['lost_note']}" if wall.get("lost_note") else "")
+            + f"). Everything this run spent, those included: {spent:,.0f} s = {spent / 3600:.2f} h.",
             "",
         ]
     _charts(data, run)

@@ -600,6 +600,41 @@ def test_the_transfer_check_reads_teacher_scores_only_from_the_other_runs_transf
     assert transfer_reuse_source(str(committed)) == str(committed / "transfer")
 
 
+def test_the_compute_report_keeps_lost_and_redone_sittings_out_of_the_total(tmp_path):
+    """compute.json's hand-written ``lost`` section (sittings whose outputs a machine reset took, done again):
+    beside the total, named with the reason, never in it."""
+    from layerwise_dist.ablation_report import _wall
+
+    (tmp_path / "cells" / "a").mkdir(parents=True)
+    (tmp_path / "cells" / "a" / "cell.json").write_text(json.dumps({"wall_s": 100.0}))
+    ledger = {"stages": {"cell:a": {"wall_s": 120.0, "sittings": 1}}}
+    (tmp_path / "compute.json").write_text(json.dumps(ledger))
+    before = _wall(tmp_path, ["a"])
+    assert before["lost"] == [] and before["lost_s"] == 0.0 and before["total_s"] == 120.0
+    ledger["lost"] = {"note": "a reset", "stages": {"cell:a": {"wall_s": 300.0, "sittings": 2}}}
+    (tmp_path / "compute.json").write_text(json.dumps(ledger))
+    wall = _wall(tmp_path, ["a"])
+    assert wall["total_s"] == 120.0 and wall["lost_s"] == 300.0 and wall["lost_note"] == "a reset"
+    assert wall["lost"] == [{"stage": "cell:a", "wall_s": 300.0, "sittings": 2}]
+    # Rendered, on a copy of the committed 100-step run given a lost sitting.
+    import shutil
+
+    from layerwise_dist.ablation_report import write_ablation_report
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "results" / "experiment_100steps", run)
+    led = json.loads((run / "compute.json").read_text())
+    led["lost"] = {"note": "a reset", "stages": {"adapt": {"wall_s": 1000.0, "sittings": 1}}}
+    (run / "compute.json").write_text(json.dumps(led))
+    md = write_ablation_report(run)[0].read_text()
+    total = _wall(run, sorted(p.name for p in (run / "cells").iterdir()))["total_s"]
+    assert (
+        "Not in the total either: 1,000 s of work whose outputs were lost before they were committed, and done "
+        "again (adapt 1,000 s; `compute.json`, `lost`: a reset). Everything this run spent, those included: "
+        f"{total + 1000.0:,.0f} s" in md
+    )
+
+
 def test_the_compute_report_names_teacher_scores_read_from_another_run(tmp_path):
     from layerwise_dist.ablation_report import _wall
 
@@ -661,6 +696,7 @@ def test_the_compute_report_names_teacher_scores_read_from_another_run(tmp_path)
         in md
     )
     assert "teacher: its scores are read from `x/per_example/teacher.parquet`" in md
+    assert "Not in the total either" not in md  # no lost sittings in that run
     assert "8 examples of its first batches as the file does (max |difference| 0)" in md
     total = _wall(run, sorted(p.name for p in (run / "cells").iterdir()))["total_s"]
     assert (
