@@ -304,6 +304,10 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "headline": headline,
         # the teacher each cell was distilled from (cell.json; cells finished before it was recorded have none)
         "cell_teachers": {n: t for n in cells if (t := _load(run / "cells" / n / "cell.json").get("teacher"))},
+        # the software and CPU each cell ran on (results.json; cells finished before it was recorded have none)
+        "cell_environments": {
+            n: e for n in cells if (e := _load(run / "cells" / n / "results.json").get("environment"))
+        },
         "curve": {
             "cell": first,
             "points": curve,
@@ -664,6 +668,7 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
             + "; ".join(f"{', '.join(names)} from `{ident}`" for ident, names in groups.items())
             + ". Compare the cells with that in mind.",
         ]
+    lines += _environments_note(data.get("cell_environments") or {})
     sm = data["speed_memory"]
     if sm["measured_on"] and sm["speedup"] is not None:
         mem = sm["memory_reduction"]
@@ -853,6 +858,29 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
     md = run / "ablation_report.md"
     md.write_text("\n".join(lines))
     return md, run / "ablation.json"
+
+
+def _environments_note(envs: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """A note when the cells ran on other software or CPUs (sittings on other machines): which keys differ and
+    which cells had which value. Nothing when they all agree (``platform`` aside: a kernel update alone changes
+    no number) or none recorded it."""
+    keys = sorted({k for e in envs.values() for k in e} - {"platform"})
+    differ = [k for k in keys if len({e.get(k, "(none)") for e in envs.values()}) > 1]
+    if not differ:
+        return []
+    parts = []
+    for k in differ:
+        groups: dict[str, list[str]] = {}
+        for name, e in envs.items():
+            groups.setdefault(e.get(k, "(none)"), []).append(name)
+        parts.append(f"{k}: " + "; ".join(f"{v} ({', '.join(names)})" for v, names in groups.items()))
+    return [
+        "",
+        f"**Cells on other environments** ({len(envs)} cells recorded one): "
+        + " | ".join(parts)
+        + ". On another environment the same computation can differ in the last bits of its floats (other "
+        "kernels, other summation orders), which training can amplify: compare those cells with that in mind.",
+    ]
 
 
 def _charts(data: Mapping[str, Any], run: Path) -> None:

@@ -76,6 +76,64 @@ def source_tags(job: str) -> dict[str, str]:
     return tags
 
 
+# The libraries whose version changes a run's numbers (kernels, defaults) or its behaviour.
+ENVIRONMENT_PACKAGES = (
+    "torch",
+    "transformers",
+    "deepspeed",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "flash-attn",
+    "numpy",
+    "mlflow",
+    "ray",
+)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), ``""`` when unknown."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def environment_record() -> dict[str, str]:
+    """Where this process runs: Python, the platform, the CPU (model, cores), the GPU when there is one, and
+    the versions of :data:`ENVIRONMENT_PACKAGES` that are installed. Two sittings of a run on other versions
+    or another CPU can differ in the last bits of every float (another kernel, another summation order), so
+    results.json carries it and MLflow gets it as ``env.*`` tags."""
+    import platform
+    from importlib import metadata
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": str(os.cpu_count() or ""),
+    }
+    for package in ENVIRONMENT_PACKAGES:
+        try:
+            env[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["cuda"] = str(torch.version.cuda)
+    except ImportError:
+        pass
+    return env
+
+
 def dataset_record(splits: Any, data_cfg: Any) -> dict[str, str]:
     """The run's data set as MLflow records it (``mlflow.log_input``): name, digest of the split's content
     (users' sequences, held-out items, titles: any change of data or split changes it), source and profile."""

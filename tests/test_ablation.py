@@ -600,6 +600,23 @@ def test_the_transfer_check_reads_teacher_scores_only_from_the_other_runs_transf
     assert transfer_reuse_source(str(committed)) == str(committed / "transfer")
 
 
+def test_the_report_names_cells_that_ran_on_other_software_or_cpus():
+    from layerwise_dist.ablation_report import _environments_note
+    from layerwise_dist.run_metadata import environment_record
+
+    here = environment_record()
+    import torch
+
+    assert here["torch"] == torch.__version__ and here["python"].count(".") == 2 and "transformers" in here
+    assert _environments_note({}) == [] and _environments_note({"a": here, "b": dict(here)}) == []
+    assert _environments_note({"a": here, "b": {**here, "platform": "other kernel"}}) == []  # the OS alone
+    other = {**here, "transformers": "9.9.9", "cpu": "Other CPU"}
+    note = " ".join(_environments_note({"a": here, "b": other, "c": dict(here)}))
+    assert "**Cells on other environments** (3 cells recorded one)" in note
+    assert f"transformers: {here['transformers']} (a, c); 9.9.9 (b)" in note and "cpu: " in note
+    assert "torch:" not in note
+
+
 def test_the_compute_report_keeps_lost_and_redone_sittings_out_of_the_total(tmp_path):
     """compute.json's hand-written ``lost`` section (sittings whose outputs a machine reset took, done again):
     beside the total, named with the reason, never in it."""

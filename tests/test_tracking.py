@@ -853,6 +853,11 @@ def test_pipeline_reads_well_in_the_mlflow_ui(tmp_path, server, monkeypatch):
         == dataset_record(load_splits(load_config("tiny").data), load_config("tiny").data)["digest"]
     )
     assert job.data.params["train.max_steps"] == "4" and "train.resume" in job.data.params
+    # The software and machine it ran on, as tags and in results.json.
+    import torch
+
+    assert tags["env.torch"] == torch.__version__ and tags["env.cpu_count"] == str(os.cpu_count())
+    assert json.loads((out_dir / "results.json").read_text())["environment"]["torch"] == torch.__version__
 
     fisher = stages["fisher"]
     assert {"fisher/fisher_profile.png", "fisher/fisher_profile.csv", "fisher/fisher_profile.json"} <= _artifacts(

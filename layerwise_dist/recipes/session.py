@@ -202,7 +202,7 @@ class RunSession:
         """Everything ``__enter__`` does once output_dir is locked."""
         from ..data import load_splits
         from ..models.teacher import load_tokenizer
-        from ..run_metadata import dataset_record, effective_uri, read_run_file, source_tags
+        from ..run_metadata import dataset_record, effective_uri, environment_record, read_run_file, source_tags
         from ..tracking import make_tracker
 
         cfg = self.cfg
@@ -242,6 +242,8 @@ class RunSession:
         # False when the store lost the run an earlier sitting logged to: this sitting's run starts empty.
         self.run_continued = bool(previous) and getattr(self.tracker, "run_id", None) == previous["run_id"]
         dataset = dataset_record(self.splits, cfg.data) if is_main() else None
+        # This sitting's software and machine (a resumed run records the last sitting's; each cell its own).
+        self.results["environment"] = environment = environment_record()
         self.tracker.set_tags(
             {
                 "world_size": str(world_size()),
@@ -253,6 +255,7 @@ class RunSession:
                 "student.selection": cfg.student.selection,
                 "distill.layer_weighting": cfg.distill.layer_weighting,
                 **({"dataset": dataset["name"], "dataset.digest": dataset["digest"]} if dataset else {}),
+                **{f"env.{k}": v for k, v in environment.items()},
             }
         )
         if is_main():
