@@ -311,6 +311,12 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
     top = json.loads((run / "results.json").read_text())  # the data as loaded, not the config's default
     assert top["data"]["users"] > 0 and data["setup"]["data"]["category"] == top["data"]["category"]
     transfer = json.loads((run / "transfer" / "results.json").read_text())
+    import torch
+
+    for name in cells:  # each cell records the software it ran on (the report compares them)
+        assert (
+            json.loads((run / "cells" / name / "results.json").read_text())["environment"]["torch"] == torch.__version__
+        )
     assert transfer["transfer"]["cell"] == "uniform+uniform" and transfer["student"]["n"] == 16  # the first cell
     # ... scored right after that cell, before the second one is trained (its student folder is surely there).
     first_done = (run / "cells" / cells[0] / "cell.json").stat().st_mtime_ns

@@ -423,6 +423,10 @@ class RunSession:
         c = object.__new__(RunSession)
         c.cfg, c.out, c._parent, c._child_name = cfg, Path(out), self, run_name
         c.timings, c.results, c.tracker, c._lock = {}, {}, None, None
+        # The software and machine it runs on: the parent's (the same process), recorded in its results.json too.
+        from ..run_metadata import environment_record
+
+        c.results["environment"] = self.results.get("environment") or environment_record()
         c.run_tracker, c.job, c.nest_stages, c._stage_runs, c._previous_stages = None, self.job, False, {}, {}
         c.teacher = self.teacher if cfg.teacher == self.cfg.teacher else TeacherHandle(cfg)
         same_data = cfg.data == self.cfg.data and cfg.eval == self.cfg.eval
