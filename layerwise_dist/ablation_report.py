@@ -393,10 +393,14 @@ def _wall(run: Path, cells: Sequence[str]) -> dict[str, Any]:
     raw = _load(run / "compute.json")
     ledger = raw.get("stages") or {}
     lost_section = raw.get("lost") or {}
-    lost = [
-        {"stage": name, "wall_s": float(e["wall_s"]), "sittings": int(e.get("sittings", 1))}
-        for name, e in (lost_section.get("stages") or {}).items()
-    ]
+    lost = []
+    for name, e in (lost_section.get("stages") or {}).items():
+        seconds = e.get("wall_s") if isinstance(e, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError(
+                f"{run / 'compute.json'}: lost.stages.{name} needs wall_s, a number of seconds >= 0; got {e!r}"
+            )
+        lost.append({"stage": name, "wall_s": float(seconds), "sittings": int(e.get("sittings", 1))})
     top = _load(run / "results.json")
     timings = top.get("timings") or {}
     summary = _load(run / "adapt" / "summary.json")

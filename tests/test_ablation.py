@@ -639,6 +639,13 @@ def test_the_compute_report_keeps_lost_and_redone_sittings_out_of_the_total(tmp_
     wall = _wall(tmp_path, ["a"])
     assert wall["total_s"] == 120.0 and wall["lost_s"] == 300.0 and wall["lost_note"] == "a reset"
     assert wall["lost"] == [{"stage": "cell:a", "wall_s": 300.0, "sittings": 2}]
+    # A hand-written entry without its seconds: one clear error naming the file and the entry.
+    ledger["lost"]["stages"]["adapt"] = {"sittings": 1}
+    (tmp_path / "compute.json").write_text(json.dumps(ledger))
+    with pytest.raises(ValueError, match=r"compute.json: lost.stages.adapt needs wall_s"):
+        _wall(tmp_path, ["a"])
+    del ledger["lost"]["stages"]["adapt"]
+    (tmp_path / "compute.json").write_text(json.dumps(ledger))
     # Rendered, on a copy of the committed 100-step run given a lost sitting.
     import shutil
 
