@@ -2,7 +2,8 @@
 ``benchmarks/results/<name>.json``, which ``scripts/perf_table.py`` renders into the README).
 
 Every result gets a ``run`` entry: the command that produced it (without ``--json-out``), the thread
-settings, the host's CPU count, the versions and the UTC time.
+settings, the host's CPU count, the versions, the environment record (``run_metadata.environment_record``)
+and the UTC time.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def run_info() -> dict[str, Any]:
     transformers = sys.modules.get("transformers")
     if transformers is not None:
         info["transformers"] = transformers.__version__
+    from layerwise_dist.run_metadata import environment_record
+
+    # The same record as a run's results.json: CPU model, GPU, and the versions of every library whose
+    # kernels or defaults change the numbers; two results on other environments are not one comparison.
+    info["environment"] = environment_record()
     return info
 
 

@@ -221,6 +221,8 @@ def _peak(device: str) -> int | None:
 
 
 def part_env(args) -> dict:
+    # Not run_metadata.environment_record(): this part runs before `install`, when the package's own
+    # dependencies (omegaconf, which layerwise_dist.config imports) may not be on the device yet.
     import torch
 
     out: dict[str, Any] = {
