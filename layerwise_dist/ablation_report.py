@@ -253,6 +253,16 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     for h in history or []:
         if "valid/ndcg@10" in h:
             curve.append({"step": h["step"], "valid_ndcg@10": h["valid/ndcg@10"], "valid_total": h.get("valid/total")})
+    valid_ranks = _load(run / "cells" / first / "valid_ranks.json") if first else None
+    if valid_ranks:
+        # Each point's own 95% interval over the validation users (their target ranks at that step): the
+        # chart and the table show how much of a step-to-step move the users' sample alone could make.
+        from .evaluation import bootstrap_ci, per_example_metrics
+
+        for pt in curve:
+            r = valid_ranks.get(str(pt["step"]))
+            if r:
+                pt["valid_ndcg@10_ci95"] = list(bootstrap_ci(per_example_metrics(r, (10,))["ndcg@10"]))
     cfg = _load_yaml(run / "config.yaml")
     if cfg:
         n_teacher = (top.get("fisher") or {}).get("scores")
@@ -311,7 +321,7 @@ def collect(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "curve": {
             "cell": first,
             "points": curve,
-            **plateau(curve, ranks=_load(run / "cells" / first / "valid_ranks.json") if first else None),
+            **plateau(curve, ranks=valid_ranks),
         },
         "speed_memory": {
             # the cell whose student the final evaluation loaded (older runs: the first cell)
@@ -735,10 +745,12 @@ def write_ablation_report(run_dir: str | Path, n_boot: int = 1000) -> tuple[Path
     curve = data["curve"]
     if curve["points"]:
         lines += ["", f"## Learning curve ({curve['cell']}, validation users)", ""]
-        lines += ["| step | valid NDCG@10 | valid loss |", "|---|---|---|"]
+        lines += ["| step | valid NDCG@10 [95% CI] | valid loss |", "|---|---|---|"]
         for pt in curve["points"]:
             loss = pt["valid_total"]
-            lines.append(f"| {pt['step']} | {pt['valid_ndcg@10']:.4f} | {'n/a' if loss is None else f'{loss:.4f}'} |")
+            ci = pt.get("valid_ndcg@10_ci95")
+            value = f"{pt['valid_ndcg@10']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+            lines.append(f"| {pt['step']} | {value} | {'n/a' if loss is None else f'{loss:.4f}'} |")
         paired = curve.get("paired")
         if paired:
             lo, hi = paired["ci95"]
@@ -909,11 +921,29 @@ def _charts(data: Mapping[str, Any], run: Path) -> None:
     plt.close(fig)
     points = data["curve"]["points"]
     if points:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([p["step"] for p in points], [p["valid_ndcg@10"] for p in points], marker="o")
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        steps = [p["step"] for p in points]
+        vals = [p["valid_ndcg@10"] for p in points]
+        if all(p.get("valid_ndcg@10_ci95") for p in points):
+            err = [
+                [v - p["valid_ndcg@10_ci95"][0] for v, p in zip(vals, points)],
+                [p["valid_ndcg@10_ci95"][1] - v for v, p in zip(vals, points)],
+            ]
+            ax.errorbar(steps, vals, yerr=err, marker="o", capsize=3)
+            ax.set_ylabel("validation NDCG@10 (95% bootstrap interval)")
+        else:
+            ax.plot(steps, vals, marker="o")
+            ax.set_ylabel("validation NDCG@10")
         ax.set_xlabel("training step")
-        ax.set_ylabel("validation NDCG@10")
-        ax.set_title(f"Learning curve: {data['curve']['cell']}")
+        title = f"Learning curve: {data['curve']['cell']}"
+        paired = data["curve"].get("paired")
+        if paired:  # the verdict is paired user by user, far tighter than the points' own intervals
+            lo, hi = paired["ci95"]
+            title += (
+                f"\nsteps {paired['from_step']}->{paired['to_step']}, paired over users: "
+                f"{paired['rise']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            )
+        ax.set_title(title, fontsize=10)
         fig.tight_layout()
         fig.savefig(run / "ablation_curve.png", dpi=120)
         plt.close(fig)

@@ -296,6 +296,18 @@ def test_ablation_two_ranks_nested_runs_report_and_rerun(tmp_path):
         assert section in report
     for section in ("## Goal figures", "## Compute (wall time", "Plateau: not judged (2 validation points"):
         assert section in report
+    # Each learning-curve point carries its own 95% interval over the validation users, from their ranks.
+    from layerwise_dist.evaluation import bootstrap_ci
+
+    points = json.loads((run / "ablation.json").read_text())["curve"]["points"]
+    assert [pt["step"] for pt in points] == [1, 2]
+    for pt in points:
+        lo, hi = pt["valid_ndcg@10_ci95"]
+        assert [lo, hi] == pytest.approx(
+            list(bootstrap_ci(per_example_metrics(ranks[str(pt["step"])], (10,))["ndcg@10"]))
+        )
+        assert lo <= pt["valid_ndcg@10"] <= hi
+        assert f"| {pt['step']} | {pt['valid_ndcg@10']:.4f} [{lo:.4f}, {hi:.4f}] |" in report
     ledger = json.loads((run / "compute.json").read_text())["stages"]
     assert {"fisher", *(f"cell:{n}" for n in cells), "transfer", "final_evaluation"} <= set(ledger)
     data = json.loads((run / "ablation.json").read_text())
