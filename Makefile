@@ -89,6 +89,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_scoring.py --reps 5 --json-out $(BENCH_OUT)/scoring.json
 	$(BIN)/python benchmarks/bench_kd_vs_hf_trainer.py --reps 3 --json-out $(BENCH_OUT)/kd_vs_hf_trainer.json
 	$(BIN)/python benchmarks/bench_kd_vs_hf_trainer.py --reps 3 data.formulation=listwise --json-out $(BENCH_OUT)/kd_vs_hf_trainer_listwise.json
+	$(BIN)/python benchmarks/bench_kd_vs_hf_trainer.py --reps 3 ds_config=ds_configs/zero0.json --json-out $(BENCH_OUT)/kd_vs_hf_trainer_zero0.json
 	$(BIN)/python benchmarks/bench_student_build.py --reps 2 --json-out $(BENCH_OUT)/student_build.json
 	$(BIN)/python benchmarks/bench_distill_step.py --preset tiny --reps 3 --json-out $(BENCH_OUT)/distill_step.json
 	$(BIN)/python benchmarks/bench_fisher.py --shape smollm2 --layers 4 --seq 384 --batch 2 --reps 3 --json-out $(BENCH_OUT)/fisher.json

@@ -187,6 +187,7 @@ def main() -> None:
         {
             "preset": args.preset,
             "formulation": cfg.data.formulation,
+            "ds_config": str(cfg.ds_config),  # the package step's DeepSpeed config (one rank)
             "teacher": cfg.teacher.model,
             "student_layers": layer_map,
             "batch_rows": int(peer_inputs["input_ids"].shape[0]),

@@ -65,6 +65,7 @@ def kd_vs_hf_trainer(r: dict) -> tuple[str, str, str]:
         f"distillation tokens/s: the package's step vs a HF `Trainer` with a KD `compute_loss` (full-sequence "
         f"forward KL + CE), same teacher ({r['teacher']}), {len(r['student_layers'])}-layer student, batch "
         f"({r['batch_rows']} x {r['batch_width']}, {r['formulation']}) and threads"
+        + (f"; the package's step under `{r['ds_config']}`" if r.get("ds_config") else "")
     )
     speedup, text = _speedup(r, "speedup")
     tps = r.get("tokens_per_cpu_s", r["tokens_per_s"])
@@ -184,6 +185,7 @@ RENDERERS: dict[str, Callable[[dict], tuple[str, str, str]]] = {
     "scoring": scoring,
     "kd_vs_hf_trainer": kd_vs_hf_trainer,
     "kd_vs_hf_trainer_listwise": kd_vs_hf_trainer,
+    "kd_vs_hf_trainer_zero0": kd_vs_hf_trainer,
     "student_build": student_build,
     "distill_step": distill_step,
     "fisher": fisher,
