@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -179,13 +180,55 @@ def test_ranks_get_the_visible_gpus_through_deepspeeds_launcher():
     assert launch_devices(2, {"CUDA_VISIBLE_DEVICES": "3"}, gpu=True) == [0, 1]  # too few named: DeepSpeed's rule
     assert launch_devices(2, {"CUDA_VISIBLE_DEVICES": "2,3"}, gpu=False) == [0, 1]  # CPU ranks: ids only count
     cmd = launch_command("distill", Path("/r/config.yaml"), 29500, True, [2, 3])
-    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and "--quiet" in cmd
+    assert cmd[1:4] == ["-u", "-m", "layerwise_dist.ds_launch"] and "--quiet" in cmd
     assert cmd[-5:] == ["--module", "layerwise_dist.worker", "distill", "--config", "/r/config.yaml"]
     world = json.loads(base64.urlsafe_b64decode(next(a for a in cmd if a.startswith("--world_info=")).split("=", 1)[1]))
     assert world == {"localhost": [2, 3]} and "--master_port=29500" in cmd
     env: dict[str, str] = {}
     CUDA_Accelerator().set_visible_devices_envs(env, world["localhost"])  # what launch.py does with them
     assert env == {"CUDA_VISIBLE_DEVICES": "2,3"}
+
+
+def test_the_launcher_runs_deepspeeds_without_mlflow_and_its_ranks_with_it(tmp_path):
+    """layerwise_dist.ds_launch (what launch_command starts) is DeepSpeed's launcher: it starts the rank module
+    with --local_rank, passes the rank's exit code on; MLflow is blocked in the launcher's process only (the
+    rank imports it and tracks as usual)."""
+    import base64
+    import subprocess
+    import sys
+
+    from conftest import run_env
+    from layerwise_dist.distributed import free_port
+
+    (tmp_path / "probe_rank.py").write_text(
+        "import os, sys\n"
+        "import mlflow, psutil\n"
+        "print('rank', os.environ['RANK'], sys.argv[1], 'mlflow', mlflow.__version__, flush=True)\n"
+        "print('parent', ' '.join(psutil.Process(os.getppid()).cmdline()[1:4]), flush=True)\n"
+        "sys.exit(int(sys.argv[-1]))\n"
+    )
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": [0]}).encode()).decode()
+    env = run_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-u", "-m", "layerwise_dist.ds_launch", f"--world_info={world}", "--master_addr=127.0.0.1"]
+    out = subprocess.run(
+        [*cmd, f"--master_port={free_port()}", "--module", "probe_rank", "3"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "rank 0 --local_rank=0 mlflow " in out.stdout, out.stdout[-3000:]
+    assert "parent -u -m layerwise_dist.ds_launch" in out.stdout, out.stdout[-3000:]
+    # In the launcher's own process `import mlflow` fails, so DeepSpeed's autotuner goes without it.
+    code = (
+        "import sys, runpy\n"
+        "runpy.run_module = lambda *a, **k: None\n"
+        "from layerwise_dist.ds_launch import main\n"
+        "main()\n"
+        "import deepspeed.autotuning.autotuner as t\n"
+        "print('has_mlflow', t.has_mlflow)\n"
+    )
+    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0 and "has_mlflow False" in probe.stdout, probe.stdout + probe.stderr[-3000:]
 
 
 def test_heap_only_allocation_stops_the_page_faults_of_big_tensors():
