@@ -125,10 +125,19 @@ def main() -> None:
             loss = alpha * ce + (1 - alpha) * kd
             return (loss, out) if return_outputs else loss
 
+    import atexit
+    import shutil
     import tempfile
+    from pathlib import Path
+
+    # One scratch folder for the peer's output_dir and the teacher cache (~40 MB), removed when the run ends.
+    scratch = Path(tempfile.mkdtemp(prefix="kd-bench-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    for sub in ("peer", "cache"):
+        (scratch / sub).mkdir()
 
     targs = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="kd-peer-"),
+        output_dir=str(scratch / "peer"),
         per_device_train_batch_size=cfg.train.micro_batch_size,
         learning_rate=cfg.train.lr,
         max_steps=args.reps + 1,
@@ -161,7 +170,7 @@ def main() -> None:
     runner = ours.runner
     indices = list(range(len(data)))
     cache = TeacherCache(
-        tempfile.mkdtemp(prefix="kd-cache-"),
+        str(scratch / "cache"),
         layer_map,
         n_teacher,
         cfg.distill.cache_topk,
