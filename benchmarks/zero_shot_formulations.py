@@ -21,8 +21,10 @@ of NDCG@10 with their paired bootstrap intervals.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -63,6 +65,8 @@ def main() -> None:
 
     ks = [int(k) for k in args.ks.split(",")]
     t_start = time.perf_counter()
+    scratch = tempfile.mkdtemp(prefix="zs-cache-")  # the data cache of this run only, removed when it ends
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     base = DataConfig(
         source=args.source,
         reviews=args.reviews,
@@ -72,7 +76,7 @@ def main() -> None:
         max_eval_examples=args.users,
         max_length=4096,
         seed=args.seed,
-        cache_dir=tempfile.mkdtemp(prefix="zs-cache-"),
+        cache_dir=scratch,
     )
     teacher_cfg = TeacherConfig(
         model=args.teacher, quantization=args.quantization, placement="replicate", attn_implementation="sdpa"
