@@ -416,7 +416,19 @@ class _Sender:
         if kind == "metrics":
             client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in items])
         elif kind == "params":
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items])
+            # MLflow refuses to change a logged param; a resumed run given another value (a path spelled
+            # relative where it was absolute, a setting changed on purpose) keeps the first value as the param
+            # and records the new one as the tag `changed_param.<key>` ("old -> new") instead of failing the batch.
+            logged = client.get_run(run_id).data.params
+            fresh = [Param(k, v) for k, v in items if k not in logged]
+            changed = [
+                RunTag(f"changed_param.{k}", f"{logged[k]} -> {v}") for k, v in items if k in logged and logged[k] != v
+            ]
+            if changed:
+                log.info("tracking: %d param(s) differ from the run's first values, kept as changed_param.* tags: %s",
+                         len(changed), ", ".join(t.key.split(".", 1)[1] for t in changed))  # fmt: skip
+            if fresh or changed:
+                client.log_batch(run_id, params=fresh, tags=changed)
         elif kind == "tags":
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in items])
         elif kind == "artifact":

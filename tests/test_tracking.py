@@ -748,6 +748,27 @@ def test_resume_from_the_run_file_continues_the_run(store, client, tmp_path):
         make_tracker(TrackingConfig(experiment="resume", run_id=missing), store, rank=0)
 
 
+def test_a_resumed_run_given_another_param_value_keeps_the_first_and_tags_the_change(store, client, caplog):
+    """MLflow refuses to change a logged param (a rerun that spells output_dir relative where the first sitting
+    gave it absolute): the resumed run keeps the first value, records the new one as changed_param.<key>, logs
+    the params it did not have, and says so once at INFO, not as a param 'not logged' warning."""
+    import logging
+
+    with MLflowTracker(TrackingConfig(experiment="changed"), store, run_name="first", rank=0) as tracker:
+        tracker.log_params({"output_dir": "/abs/results/x", "train": {"lr": 0.001}})
+    again = make_tracker(
+        TrackingConfig(experiment="changed"), store, rank=0, run_id=tracker.run_id, strict_resume=False
+    )
+    with caplog.at_level(logging.INFO, logger="layerwise_dist"), again:
+        again.log_params({"output_dir": "results/x", "train": {"lr": 0.001, "max_steps": 4}})
+    run = client.get_run(tracker.run_id)
+    assert run.data.params == {"output_dir": "/abs/results/x", "train.lr": "0.001", "train.max_steps": "4"}
+    assert run.data.tags["changed_param.output_dir"] == "/abs/results/x -> results/x"
+    assert not [k for k in run.data.tags if k == "changed_param.train.lr"]  # the same value is no change
+    assert run.info.status == "FINISHED"
+    assert "not logged" not in caplog.text and "kept as changed_param.* tags: output_dir" in caplog.text
+
+
 def test_source_tags_name_the_commit_and_entry_point(tmp_path):
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     tags = source_tags("pipeline")
