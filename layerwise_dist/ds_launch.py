@@ -20,8 +20,7 @@ LAUNCHER = "deepspeed.launcher.launch"
 
 def main() -> None:
     sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError here only
-    sys.argv[0] = LAUNCHER
-    runpy.run_module(LAUNCHER, run_name="__main__", alter_sys=True)
+    runpy.run_module(LAUNCHER, run_name="__main__", alter_sys=True)  # alter_sys: argv[0] is the launcher's file
 
 
 if __name__ == "__main__":

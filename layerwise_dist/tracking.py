@@ -421,14 +421,13 @@ class _Sender:
             # and records the new one as the tag `changed_param.<key>` ("old -> new") instead of failing the batch.
             logged = client.get_run(run_id).data.params
             fresh = [Param(k, v) for k, v in items if k not in logged]
-            changed = [
-                RunTag(f"changed_param.{k}", f"{logged[k]} -> {v}") for k, v in items if k in logged and logged[k] != v
-            ]
+            changed = {k: v for k, v in items if k in logged and logged[k] != v}
             if changed:
                 log.info("tracking: %d param(s) differ from the run's first values, kept as changed_param.* tags: %s",
-                         len(changed), ", ".join(t.key.split(".", 1)[1] for t in changed))  # fmt: skip
+                         len(changed), ", ".join(changed))  # fmt: skip
             if fresh or changed:
-                client.log_batch(run_id, params=fresh, tags=changed)
+                tags = [RunTag(f"changed_param.{k}", f"{logged[k]} -> {v}") for k, v in changed.items()]
+                client.log_batch(run_id, params=fresh, tags=tags)
         elif kind == "tags":
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in items])
         elif kind == "artifact":
